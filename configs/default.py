@@ -1,0 +1,62 @@
+"""Shared defaults: the paper's settings (Ho et al. 2020, Appendix B) for a 32x32 model."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'cifar10'          # a TFDS name, e.g. 'lsun/bedroom', 'celeb_a_hq/256'
+  config.dataset.data_dir = None           # TFDS data dir; may be a gs:// path
+  config.dataset.download = False          # never let an offline machine hang on retries
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'test'
+  config.dataset.image_size = 32
+  config.dataset.num_channels = 3
+  config.dataset.random_flip = True
+  config.dataset.center_crop = False       # LSUN: center crop to a square, then resize
+  config.dataset.shuffle_buffer_size = 50_000
+  config.dataset.prefetch = 2
+
+  config.model = ml_collections.ConfigDict()
+  config.model.ch = 128
+  config.model.ch_mult = (1, 2, 2, 2)
+  config.model.num_res_blocks = 2
+  config.model.attn_resolutions = (16,)
+  config.model.dropout = 0.1
+  config.model.resamp_with_conv = True
+  config.model.dtype = 'float32'           # 'bfloat16' on TPU: bf16 compute, f32 params
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.beta_schedule = 'linear'
+  config.diffusion.beta_start = 1e-4
+  config.diffusion.beta_end = 0.02
+  config.diffusion.num_diffusion_timesteps = 1000
+  config.diffusion.model_mean_type = 'eps'
+  config.diffusion.model_var_type = 'fixedlarge'
+  config.diffusion.loss_type = 'mse'
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 2e-4
+  config.optim.warmup_steps = 5000
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.grad_clip = 1.0
+  # The original clipped each core's gradient before the cross-core sum ('per_device');
+  # 'global' clips the averaged gradient instead.
+  config.optim.grad_clip_mode = 'per_device'
+  config.optim.ema_decay = 0.9999
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128            # global, over all devices of all hosts
+  config.train.num_train_steps = 800_000
+  config.train.steps_per_call = 1          # >1: several steps per host call (lax.scan)
+  config.train.log_every_steps = 100
+  config.train.checkpoint_every_steps = 10_000
+  config.train.keep_checkpoints = 3
+  config.train.sample_every_steps = 50_000
+  config.train.num_sample_images = 64      # the sample grid
+  config.train.clip_denoised = True
+  return config

@@ -1,0 +1,259 @@
+"""Deterministic, resumable, per-process TFDS input pipelines for DDPM training and evaluation.
+
+Images are decoded, optionally center-cropped to a square, resized to `image_size`, randomly
+flipped (train only) and scaled from uint8 [0, 255] to float32 [-1, 1] as x / 127.5 - 1.
+Each process reads its own share of a split (`tfds.split_for_jax_process`) and yields numpy
+batches of its share of the global batch size.
+"""
+from typing import Iterable, Iterator, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from diffusion_jax.datasets import sklearn_digits
+
+Batch = dict[str, np.ndarray]
+
+# Raw files that TFDS cannot download itself, by dataset family; `{...}` is filled per builder.
+_MANUAL_STEPS = {
+    'lsun': (
+        'LSUN: TFDS downloads the LMDB zips from http://dl.yf.io/lsun/. If that server does not\n'
+        'serve them, get the zips TFDS expects for lsun/{config} (scene categories:\n'
+        '{config}_train_lmdb.zip and {config}_val_lmdb.zip; object categories: {config}.zip; names\n'
+        'and sha256 in tensorflow_datasets/url_checksums/lsun.txt) and put them, not renamed and\n'
+        'not extracted, into the TFDS manual_dir {manual_dir}\n'
+        'TFDS verifies their checksums and uses them instead of downloading. Generation reads LMDB\n'
+        'with tensorflow-io (`pip install tensorflow-io` matching your TensorFlow).'),
+    'celeb_a_hq': (
+        'CelebA-HQ cannot be downloaded by TFDS. Create the {config}x{config} images from CelebA\n'
+        'and the CelebA-HQ delta files following\n'
+        'https://github.com/tkarras/progressive_growing_of_gans#preparing-datasets-for-training,\n'
+        'pack the 30,000 images (PNG) into one tar file named data{config}x{config}.tar and put it\n'
+        'into the TFDS manual_dir {manual_dir}'),
+}
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """The TFDS dataset is not prepared in the configured data dir."""
+
+
+def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+  """Fills in this JAX process's index and the process count where not given."""
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Returns the per-process batch size; the global batch must split evenly over processes."""
+  if global_batch_size % process_count:
+    raise ValueError(f'The global batch size {global_batch_size} is not divisible by the '
+                     f'number of processes {process_count}.')
+  return global_batch_size // process_count
+
+
+def process_split(split: str, process_index: int, process_count: int) -> tfds.typing.SplitArg:
+  """Returns this process's share of `split`: contiguous, disjoint, sizes differing by at most 1."""
+  return tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+
+
+def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
+  """Returns how to prepare `builder`'s dataset in its data dir, with manual steps if needed."""
+  name = builder.info.full_name.rsplit('/', 1)[0]  # 'lsun/bedroom', without the version
+  data_dir = builder.data_dir_root
+  command = ('python -c "import tensorflow_datasets as tfds; '
+             f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\"")
+  message = (f"Dataset '{name}' is not prepared in {data_dir} (expected {builder.data_dir}).\n"
+             f'Prepare it on a machine with internet access (the `tfds build` CLI of this stack\n'
+             f'needs apache_beam):\n  {command}\n'
+             'or re-run training with --config.dataset.download=True on a machine with internet '
+             'access.')
+  family = builder.name
+  if family in _MANUAL_STEPS:
+    manual_dir = data_dir / 'downloads' / 'manual'
+    steps = _MANUAL_STEPS[family].format(config=builder.builder_config.name, manual_dir=manual_dir)
+    message += f'\nManual steps before that command:\n{steps}'
+  return message
+
+
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the prepared builder; builds `sklearn_digits` offline, downloads only if allowed."""
+  builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
+  if builder.name == sklearn_digits.SklearnDigits.name:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  elif config.dataset.download:
+    builder.download_and_prepare()
+  if not builder.is_prepared():
+    raise DatasetNotPreparedError(prepare_instructions(builder))
+  return builder
+
+
+def check_prepared(config: ml_collections.ConfigDict) -> None:
+  """Raises DatasetNotPreparedError (with the command to prepare it) if the data is missing."""
+  get_builder(config)
+
+
+def _read_config(shuffle_seed: Optional[int] = None) -> tfds.ReadConfig:
+  """Returns a TFDS read config with deterministic order (a fixed file order when shuffling)."""
+  options = tf.data.Options()
+  options.deterministic = True
+  return tfds.ReadConfig(options=options, shuffle_seed=shuffle_seed,
+                         shuffle_reshuffle_each_iteration=False)
+
+
+def _encoded_images(builder: tfds.core.DatasetBuilder, split: tfds.typing.SplitArg, *,
+                    shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+  """Returns the still-encoded image bytes of `split` (files shuffled once if a seed is given)."""
+  ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+                          decoders={'image': tfds.decode.SkipDecoding()},
+                          read_config=_read_config(shuffle_seed))
+  return ds.map(lambda example: example['image'])
+
+
+def _image_decoder(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict):
+  """Returns the image feature's decoder after checking its channels against the config."""
+  feature = builder.info.features['image']
+  if feature.shape[-1] != config.dataset.num_channels:
+    raise ValueError(f'{builder.name} images have {feature.shape[-1]} channels but '
+                     f'config.dataset.num_channels is {config.dataset.num_channels}.')
+  return feature.decode_example
+
+
+def center_crop(image: tf.Tensor) -> tf.Tensor:
+  """Crops the largest centered square out of an HWC image."""
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  size = tf.minimum(height, width)
+  return tf.image.crop_to_bounding_box(image, (height - size) // 2, (width - size) // 2, size, size)
+
+
+def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Resizes to image_size x image_size (antialiased bilinear), rounded to the 0..255 grid."""
+  if tuple(image.shape[:2]) == (image_size, image_size):
+    return tf.cast(image, tf.float32)
+  image = tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
+  return tf.clip_by_value(tf.round(image), 0.0, 255.0)
+
+
+def preprocess(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+  """Maps a decoded uint8 HWC image to float32 [image_size, image_size, C] in [-1, 1]."""
+  if config.dataset.center_crop:
+    image = center_crop(image)
+  image = resize(image, config.dataset.image_size)
+  return image / 127.5 - 1.0
+
+
+def _process_seed(seed: int, process_index: int) -> np.ndarray:
+  """Returns a stateless TF seed (2 x int64) unique to (config seed, process)."""
+  return np.random.SeedSequence((seed, process_index)).generate_state(2).astype(np.int64)
+
+
+def _shuffled_epochs(images: tf.data.Dataset, num_examples: int, *, seed: np.ndarray,
+                     start_epoch: int, skip: int, buffer_size: int) -> tf.data.Dataset:
+  """Returns infinite (flip seed, encoded image) epochs from `start_epoch`, skipping `skip` first.
+
+  Epoch e is `images` shuffled with a seed folded from (seed, e), so its order does not depend on
+  where iteration started; each element's flip seed is folded from (epoch seed, index in epoch).
+  """
+  buffer_size = min(buffer_size, num_examples)
+
+  def epoch(index: tf.Tensor) -> tf.data.Dataset:
+    epoch_seed = tf.random.experimental.stateless_fold_in(seed, index)
+    ds = images.shuffle(buffer_size, seed=epoch_seed[0], reshuffle_each_iteration=False)
+    ds = ds.enumerate().skip(tf.where(index == start_epoch, tf.constant(skip, tf.int64), 0))
+    return ds.map(lambda i, image: (tf.random.experimental.stateless_fold_in(epoch_seed, i), image))
+
+  return tf.data.Dataset.counter(start_epoch).flat_map(epoch)
+
+
+def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0,
+                  process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> tf.data.Dataset:
+  """Returns the infinite train tf.data pipeline of one process; see `create_train_iterator`."""
+  process_index, process_count = _process(process_index, process_count)
+  batch_size = local_batch_size(config.train.batch_size, process_count)
+  steps_per_call = config.train.steps_per_call
+  builder = get_builder(config)
+  split = process_split(config.dataset.train_split, process_index, process_count)
+  num_examples = builder.info.splits[split].num_examples
+  start_epoch, skip = divmod(start_step * steps_per_call * batch_size, num_examples)
+  seed = _process_seed(config.seed, process_index)
+  decode = _image_decoder(builder, config)
+
+  def to_example(flip_seed: tf.Tensor, encoded: tf.Tensor) -> dict[str, tf.Tensor]:
+    image = preprocess(decode(encoded), config)
+    if config.dataset.random_flip:
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return {'image': image}
+
+  images = _encoded_images(builder, split, shuffle_seed=int(seed[0]))
+  ds = _shuffled_epochs(images, num_examples, seed=seed, start_epoch=start_epoch, skip=skip,
+                        buffer_size=config.dataset.shuffle_buffer_size)
+  ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if steps_per_call > 1:
+    ds = ds.batch(steps_per_call, drop_remainder=True)
+  return ds.prefetch(config.dataset.prefetch)
+
+
+def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
+                          process_index: Optional[int] = None,
+                          process_count: Optional[int] = None) -> Iterator[Batch]:
+  """Returns this process's infinite, deterministic, resumable iterator of train batches.
+
+  Yields `{'image': float32 [B, H, W, C]}` with B = config.train.batch_size // process_count,
+  or `[config.train.steps_per_call, B, H, W, C]` when steps_per_call > 1. A "step" here is one
+  yielded batch, i.e. one host call of `steps_per_call` optimizer steps, so resume with
+  `start_step = optimizer_step // steps_per_call`. Contract: for the same config (seed, dataset,
+  batch size, steps_per_call) and process index/count, the iterator built with `start_step=s`
+  yields exactly the batches the `start_step=0` iterator yields from its s-th batch (0-based) on.
+
+  The process's share is read as an endless stream of epochs; epoch e is the share shuffled with a
+  seed derived from (config.seed, process, e) and flips are seeded by (that seed, index in epoch),
+  so batches do not depend on the start. Resuming skips the first
+  start_step * steps_per_call * B elements of that stream: whole epochs by arithmetic, then the
+  rest of the start epoch on still-encoded records (no decoding). Files are shuffled once per
+  process (a fixed order across epochs); shuffling within an epoch is exact if the share fits in
+  config.dataset.shuffle_buffer_size and a sliding-window shuffle otherwise. The order changes if
+  the process count changes.
+  """
+  ds = train_dataset(config, start_step=start_step, process_index=process_index,
+                     process_count=process_count)
+  return iter(tfds.as_numpy(ds))
+
+
+def _padding(element_spec: dict[str, tf.TensorSpec], count: int) -> tf.data.Dataset:
+  """Returns `count` all-zero elements of `element_spec` (so with mask 0)."""
+  zeros = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in element_spec.items()}
+  return tf.data.Dataset.from_tensors(zeros).repeat(count)
+
+
+def create_eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: int,
+                        process_index: Optional[int] = None,
+                        process_count: Optional[int] = None) -> tuple[Iterable[Batch], int]:
+  """Returns (re-iterable batches of one pass over this process's share of `split`, num_batches).
+
+  `batch_size` is global; each process gets batch_size // process_count rows per batch as
+  `{'image': float32 [B, H, W, C], 'mask': float32 [B]}`, in file order, without flips. Every
+  example of the split is in exactly one process's share with mask 1; shares are padded with
+  all-zero rows of mask 0 up to ceil(largest share / B) batches, so `num_batches` is the same on
+  every process and all hosts run the same number of (collective) eval steps.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  batch_size = local_batch_size(batch_size, process_count)
+  builder = get_builder(config)
+  shares = [builder.info.splits[process_split(split, i, process_count)].num_examples
+            for i in range(process_count)]
+  num_batches = -(-max(shares) // batch_size)
+  decode = _image_decoder(builder, config)
+
+  def to_example(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {'image': preprocess(decode(encoded), config), 'mask': tf.constant(1.0)}
+
+  ds = _encoded_images(builder, process_split(split, process_index, process_count))
+  ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.concatenate(_padding(ds.element_spec, num_batches * batch_size - shares[process_index]))
+  ds = ds.batch(batch_size).prefetch(config.dataset.prefetch)
+  return tfds.as_numpy(ds), num_batches

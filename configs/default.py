@@ -8,7 +8,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'cifar10'          # a TFDS name, e.g. 'lsun/bedroom', 'celeb_a_hq/256'
-  config.dataset.data_dir = None           # TFDS data dir; may be a gs:// path
+  config.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir; may be gs://
   config.dataset.download = False          # never let an offline machine hang on retries
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'test'
@@ -59,4 +59,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sample_every_steps = 50_000
   config.train.num_sample_images = 64      # the sample grid
   config.train.clip_denoised = True
+  return config
+
+
+def get_256_config(dataset: str, *, num_train_steps: int,
+                   random_flip: bool) -> ml_collections.ConfigDict:
+  """The paper's 256x256 model (114M params) and optimizer settings on a TFDS dataset."""
+  config = get_config()
+  config.dataset.name = dataset
+  config.dataset.image_size = 256
+  config.dataset.random_flip = random_flip  # the paper flips all but LSUN bedroom
+  config.dataset.center_crop = dataset.startswith('lsun/')
+  config.dataset.shuffle_buffer_size = 10_000
+  config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+  config.model.dropout = 0.0
+  config.diffusion.model_var_type = 'fixedsmall'
+  config.optim.learning_rate = 2e-5
+  config.train.batch_size = 64
+  config.train.num_train_steps = num_train_steps
+  config.train.checkpoint_every_steps = 5_000
+  config.train.num_sample_images = 16
   return config

@@ -20,19 +20,18 @@ Batch = dict[str, np.ndarray]
 # Raw files that TFDS cannot download itself, by dataset family; `{...}` is filled per builder.
 _MANUAL_STEPS = {
     'lsun': (
-        'LSUN: TFDS downloads the LMDB zips from http://dl.yf.io/lsun/. If that server does not\n'
-        'serve them, get the zips TFDS expects for lsun/{config} (scene categories:\n'
-        '{config}_train_lmdb.zip and {config}_val_lmdb.zip; object categories: {config}.zip; names\n'
-        'and sha256 in tensorflow_datasets/url_checksums/lsun.txt) and put them, not renamed and\n'
-        'not extracted, into the TFDS manual_dir {manual_dir}\n'
-        'TFDS verifies their checksums and uses them instead of downloading. Generation reads LMDB\n'
-        'with tensorflow-io (`pip install tensorflow-io` matching your TensorFlow).'),
+        'LSUN: TFDS downloads the LMDB zips from http://dl.yf.io/lsun/. If that server does\n'
+        'not serve them, get {files} (names and sha256 in\n'
+        'tensorflow_datasets/url_checksums/lsun.txt) and put them, not renamed and not\n'
+        'extracted, into the TFDS manual_dir {manual_dir}\n'
+        'TFDS verifies their checksums and uses them instead of downloading. Generation reads\n'
+        'LMDB with tensorflow-io (`pip install tensorflow-io` matching your TensorFlow).'),
     'celeb_a_hq': (
-        'CelebA-HQ cannot be downloaded by TFDS. Create the {config}x{config} images from CelebA\n'
-        'and the CelebA-HQ delta files following\n'
+        'CelebA-HQ cannot be downloaded by TFDS. Create the {config}x{config} images from\n'
+        'CelebA and the CelebA-HQ delta files following\n'
         'https://github.com/tkarras/progressive_growing_of_gans#preparing-datasets-for-training,\n'
-        'pack the 30,000 images (PNG) into one tar file named data{config}x{config}.tar and put it\n'
-        'into the TFDS manual_dir {manual_dir}'),
+        'pack the 30,000 images (PNG) into one tar file named data{config}x{config}.tar and put\n'
+        'it into the TFDS manual_dir {manual_dir}'),
 }
 
 
@@ -70,10 +69,13 @@ def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
              f'needs apache_beam):\n  {command}\n'
              'or re-run training with --config.dataset.download=True on a machine with internet '
              'access.')
-  family = builder.name
-  if family in _MANUAL_STEPS:
-    manual_dir = data_dir / 'downloads' / 'manual'
-    steps = _MANUAL_STEPS[family].format(config=builder.builder_config.name, manual_dir=manual_dir)
+  if builder.name in _MANUAL_STEPS:
+    config = builder.builder_config.name
+    files = sorted(info.filename for info in (builder.url_infos or {}).values()
+                   if info.filename and info.filename.startswith((f'{config}_', f'{config}.')))
+    steps = _MANUAL_STEPS[builder.name].format(
+        config=config, files=' and '.join(files),
+        manual_dir=builder.data_dir_root / 'downloads' / 'manual')
     message += f'\nManual steps before that command:\n{steps}'
   return message
 

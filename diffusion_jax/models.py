@@ -18,11 +18,12 @@ the up path visits i = len(ch_mult) - 1, ..., 0 and has num_res_blocks + 1 block
                                                            input and output channels differ)
   down_{i}_attn_{j}, mid_attn_1, up_{i}_attn_{j}
                                   AttnBlock                norm, q, k, v, proj_out (Dense over channels, [C, C])
-  down_{i}_downsample             Downsample               conv (3x3 stride 2; only when resamp_with_conv)
-  up_{i}_upsample                 Upsample                 conv (3x3; only when resamp_with_conv)
+  down_{i}_downsample             Downsample               conv (3x3 stride 2)
+  up_{i}_upsample                 Upsample                 conv (3x3)
 
 Attention blocks follow every block whose output resolution is in attn_resolutions; `down_{i}_downsample`
-exists for i < len(ch_mult) - 1 and `up_{i}_upsample` for i > 0. Parameters are always float32; `dtype`
+exists for i < len(ch_mult) - 1 and `up_{i}_upsample` for i > 0, and neither has parameters (nor appears)
+without resamp_with_conv. Parameters are always float32; `dtype`
 (a dtype or its name, e.g. 'bfloat16') is the compute dtype, and the output is float32.
 """
 import functools

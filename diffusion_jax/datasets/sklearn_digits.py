@@ -56,7 +56,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
             'label': tfds.features.ClassLabel(num_classes=10),
         }),
         supervised_keys=('image', 'label'),
-        homepage='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html',
+        homepage='https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits',
         citation=_CITATION,
     )
 

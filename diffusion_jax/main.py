@@ -1,0 +1,43 @@
+"""Entry point: ``python -m diffusion_jax.main --config=configs/cifar10.py --workdir=DIR``."""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from diffusion_jax import input_pipeline, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go (may be gs://).')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train: train or resume; sample: '
+                  'draw samples from the latest checkpoint\'s EMA params.')
+flags.DEFINE_integer('num_samples', 64, 'With --mode=sample: how many samples to draw.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host '
+                  'TPU pod slices; its arguments come from the environment there).')
+config_flags.DEFINE_config_file('config', None, 'A config file in configs/.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  tf.config.set_visible_devices([], 'GPU')  # TF only feeds data; keep accelerators for JAX.
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info('JAX process %d / %d, %d local / %d global devices (%s).', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  try:
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      train.sample_from_checkpoint(FLAGS.config, FLAGS.workdir, num_samples=FLAGS.num_samples)
+  except (train.SetupError, input_pipeline.DatasetNotPreparedError) as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,201 @@
+"""Digits domain metric: the cached, deterministic classifier, FD / confidence / class balance on real digits
+and on inputs that must fail (noise, blank), and the command line (tmp data dir, no network)."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits
+from diffusion_jax import digits_metric as dm
+from diffusion_jax import fid, input_pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_config(data_dir):
+  """configs/digits.py on `data_dir`."""
+  config = digits.get_config()
+  config.dataset.data_dir = str(data_dir)
+  return config
+
+
+@pytest.fixture(scope='session')
+def config(tmp_path_factory):
+  config = make_config(tmp_path_factory.mktemp('tfds'))
+  input_pipeline.get_builder(config)  # builds the digits offline
+  return config
+
+
+@pytest.fixture(scope='session')
+def classifier(config):
+  return dm.load_or_train_classifier(config)  # trains once (~15-20 s on 2 cores), caches under data_dir
+
+
+@pytest.fixture(scope='session')
+def test_digits(config):
+  return dm.load_split(config, 'test')
+
+
+@pytest.fixture(scope='session')
+def train_ref(config, classifier):
+  return dm.reference_stats(config, 'train', classifier=classifier)
+
+
+def assert_same_params(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) and jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_classifier_accuracy_and_test_split(classifier, test_digits):
+  images, labels = test_digits
+  assert images.shape == (300, 16, 16, 1) and images.dtype == np.uint8
+  assert classifier.test_accuracy >= 0.95
+  assert classifier.accuracy(images, labels) == pytest.approx(classifier.test_accuracy)
+
+
+def test_training_is_deterministic_and_cached(config, classifier, monkeypatch):
+  path = dm.classifier_path(dm.default_cache_dir(config))
+  assert path.exists() and path.parent.name == 'sklearn_digits_classifier'
+  assert dm.classifier_key() in path.name and dm.VERSION in path.name
+  images, labels = dm.load_split(config, 'train')
+  # Determinism on short runs (the full run takes ~15 s; it is a loop of these same steps).
+  first = dm.train_params(images, labels, steps=40)
+  assert_same_params(dm.train_params(images, labels, steps=40), first)
+  other_seed = dm.train_params(images, labels, steps=40, seed=1)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other_seed)))
+
+  def fail(*args, **kwargs):
+    raise AssertionError('the cached classifier should have been loaded')
+
+  monkeypatch.setattr(dm, 'train_params', fail)
+  mtime = path.stat().mtime
+  loaded = dm.load_or_train_classifier(config)
+  assert_same_params(loaded.params, classifier.params)
+  assert loaded.test_accuracy == classifier.test_accuracy and path.stat().mtime == mtime
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'truncated', 'other_version', 'wrong_shapes'])
+def test_bad_cache_is_retrained(config, classifier, tmp_path, monkeypatch, damage):
+  path = dm.classifier_path(tmp_path)
+  good = dm.classifier_path(dm.default_cache_dir(config)).read_bytes()
+  if damage == 'garbage':
+    path.write_bytes(b'not an npz')
+  elif damage == 'truncated':
+    path.write_bytes(good[:len(good) // 2])
+  else:
+    params = classifier.params
+    if damage == 'wrong_shapes':
+      params = jax.tree.map(lambda x: x[..., :1], params)
+    key = 'digits-cnn-v0-deadbeef' if damage == 'other_version' else classifier.key
+    dm._save_classifier(path, dm.DigitsClassifier(params, key, 1.0))  # pylint: disable=protected-access
+  calls = []
+
+  def train(*args, **kwargs):  # stands in for training: returns the known params at once
+    calls.append(1)
+    return classifier.params
+
+  monkeypatch.setattr(dm, 'train_params', train)
+  retrained = dm.load_or_train_classifier(config, cache_dir=tmp_path)
+  assert calls == [1]
+  assert_same_params(retrained.params, classifier.params)
+  assert retrained.test_accuracy == pytest.approx(classifier.test_accuracy)
+  assert_same_params(dm.load_or_train_classifier(config, cache_dir=tmp_path).params, classifier.params)
+  assert calls == [1]  # the rewritten cache loads
+
+
+def test_features_and_probs(classifier, test_digits):
+  images = test_digits[0]
+  features, probs = classifier.features_and_probs(images[:7])
+  assert features.shape == (7, dm.FEATURE_DIM) and probs.shape == (7, 10)
+  np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+  many = np.concatenate([images] * 4)  # 1200 images: batches of 500, the last one padded
+  many_features = classifier.features_and_probs(many)[0]
+  for start in (0, 600, 900):  # images 0..6 in the first, second and last (padded) batch
+    np.testing.assert_allclose(many_features[start:start + 7], features, rtol=1e-5, atol=1e-5)
+  with pytest.raises(TypeError, match='uint8'):
+    classifier.features_and_probs(images.astype(np.float32) / 127.5 - 1)
+  with pytest.raises(ValueError, match='16, 16, 1'):
+    classifier.features_and_probs(images[..., 0])
+
+
+def test_reference_stats_are_cached(config, classifier, train_ref, monkeypatch):
+  cache = dm.default_cache_dir(config)
+  assert (cache / f'ref_{classifier.key}_train_n1497.npz').exists()
+  monkeypatch.setattr(dm, 'feature_stats', lambda *a: pytest.fail('reference stats were recomputed'))
+  mu, sigma = dm.reference_stats(config, 'train', classifier=classifier)
+  np.testing.assert_array_equal(mu, train_ref[0])
+  np.testing.assert_array_equal(sigma, train_ref[1])
+  assert mu.shape == (dm.FEATURE_DIM,) and sigma.shape == (dm.FEATURE_DIM, dm.FEATURE_DIM)
+
+
+def test_real_digits_score_well(config, classifier, test_digits, train_ref):
+  metrics = dm.digits_metrics(classifier, test_digits[0], train_ref)
+  assert metrics['num_images'] == 300
+  assert metrics['confident_fraction'] >= 0.8
+  assert len(metrics['class_histogram']) == 10 and sum(metrics['class_histogram']) == pytest.approx(1.0)
+  assert 0.05 <= metrics['min_class_fraction'] <= metrics['max_class_fraction'] <= 0.15
+  assert 0 <= metrics['fd'] < 15
+  baseline = dm.real_digits_baseline(config, classifier=classifier)
+  assert baseline['accuracy'] == pytest.approx(classifier.test_accuracy)
+  assert {k: v for k, v in baseline.items() if k != 'accuracy'} == metrics
+
+
+@pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')  # blank images: all-zero feature covariance
+def test_noise_and_blank_images_fail(classifier, test_digits, train_ref):
+  real = dm.digits_metrics(classifier, test_digits[0], train_ref)
+  rng = np.random.default_rng(0)
+  noise = np.clip(np.round(rng.normal(127.5, 127.5, (300, 16, 16, 1))), 0, 255).astype(np.uint8)
+  blank = np.zeros((300, 16, 16, 1), np.uint8)
+  for name, images in (('noise', noise), ('blank', blank)):
+    metrics = dm.digits_metrics(classifier, images, train_ref)
+    assert metrics['fd'] > max(10 * real['fd'], 100), name
+    assert metrics['max_class_fraction'] >= 0.3 and metrics['min_class_fraction'] <= 0.02, name
+  # Noise is also rarely classified confidently; a blank image is a confident "1" (see the module docstring).
+  assert dm.digits_metrics(classifier, noise, train_ref)['confident_fraction'] < 0.7
+
+
+def test_fd_of_features_with_themselves_is_zero(config, classifier, test_digits):
+  features = classifier.features_and_probs(test_digits[0])[0]
+  stats = fid.FeatureStats(dm.FEATURE_DIM)
+  stats.update(features)
+  mu, sigma = stats.mean_cov()
+  assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+  test_ref = dm.reference_stats(config, 'test', classifier=classifier)
+  assert abs(dm.digits_metrics(classifier, test_digits[0], test_ref)['fd']) < 1e-6 * np.trace(sigma)
+
+
+def test_only_digits_configs(config, classifier):
+  other = make_config(config.dataset.data_dir)
+  other.dataset.name = 'cifar10'
+  with pytest.raises(ValueError, match='sklearn_digits'):
+    dm.load_or_train_classifier(other)
+  with pytest.raises(ValueError, match='differ'):
+    dm.real_digits_baseline(config, 'test', ref_split='test', classifier=classifier)
+
+
+def test_samples_report_matches_image_counts(config, classifier, test_digits):
+  few, baseline = dm.samples_report(config, test_digits[0][:100])
+  assert few['num_images'] == 100 and baseline['split'] == 'test' and 'fd_n100' in baseline
+  assert baseline['fd_n100'] > baseline['fd']  # FD grows as the image count falls
+  many, _ = dm.samples_report(config, np.concatenate([test_digits[0]] * 2))
+  assert many['fd_n300'] == pytest.approx(baseline['fd'], rel=1e-6)  # two identical chunks of the test split
+
+
+def test_command_line(config, classifier, test_digits, tmp_path):
+  npz = tmp_path / 'samples.npz'
+  np.savez_compressed(npz, images=np.concatenate([test_digits[0]] * 2), step=np.int64(7))
+  env = {**os.environ, 'PYTHONPATH': str(REPO)}
+  command = [sys.executable, '-m', 'diffusion_jax.digits_metric', f'--npz={npz}',
+             f'--data_dir={config.dataset.data_dir}']
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'trained the digits classifier' not in result.stderr  # used the cache
+  out = result.stdout
+  assert '(step 7)' in out and "real 'test' digits (baseline)" in out
+  assert 'fd_n300' in out and 'confident_fraction' in out and 'class_histogram' in out

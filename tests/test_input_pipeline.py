@@ -1,0 +1,216 @@
+"""Input pipeline: the offline digits builder, per-process shares, resumable train order, flips,
+missing-data errors and padded eval batches (simulated hosts, tmp data dirs, no network)."""
+import collections
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+from sklearn import datasets as sk_datasets
+from sklearn import model_selection
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import default
+from diffusion_jax import input_pipeline
+
+NUM_TRAIN, NUM_TEST = 1497, 300
+
+
+def make_config(data_dir, **train) -> ml_collections.ConfigDict:
+  """The digits config on `data_dir`, with `config.train` overrides."""
+  config = default.get_config()
+  config.dataset.name = 'sklearn_digits'
+  config.dataset.data_dir = str(data_dir)
+  config.dataset.image_size = 16
+  config.dataset.num_channels = 1
+  config.train.batch_size = 64
+  config.train.update(train)
+  return config
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('tfds')
+  input_pipeline.get_builder(make_config(data_dir))  # builds offline on first use
+  return data_dir
+
+
+def keys(images: np.ndarray) -> list[bytes]:
+  """Identifies [-1, 1] images by their bytes on the uint8 grid."""
+  return [np.round((x + 1.0) * 127.5).astype(np.uint8).tobytes() for x in images]
+
+
+def take(iterator, n: int) -> list[np.ndarray]:
+  return [next(iterator)['image'] for _ in range(n)]
+
+
+def upscale_bilinear(digit: np.ndarray) -> np.ndarray:
+  """2x bilinear upscaling with half-pixel centers and edge clamping, in numpy."""
+  src = np.clip(np.arange(16) / 2 - 0.25, 0, 7)
+  lo = np.floor(src).astype(int)
+  hi, w = np.minimum(lo + 1, 7), src - lo
+  rows = digit[lo] * (1 - w)[:, None] + digit[hi] * w[:, None]
+  return rows[:, lo] * (1 - w) + rows[:, hi] * w
+
+
+def test_digits_builder_matches_sklearn(digits_dir):
+  builder = tfds.builder('sklearn_digits', data_dir=str(digits_dir))
+  assert builder.is_prepared() and str(builder.version) == '1.0.0'
+  digits = sk_datasets.load_digits()
+  indices = dict(zip(('train', 'test'), model_selection.train_test_split(
+      np.arange(len(digits.target)), test_size=NUM_TEST, stratify=digits.target, random_state=0)))
+  for split, size in (('train', NUM_TRAIN), ('test', NUM_TEST)):
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    images, labels = data['image'], data['label']
+    assert images.shape == (size, 16, 16, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10),
+                                  np.bincount(digits.target[indices[split]], minlength=10))
+    assert set(labels) == set(range(10))
+    # Every example is the bilinear upscaling of a same-label digit of its split (PIL's
+    # fixed-point rounding differs by at most 1 from the float recomputation).
+    expected = np.stack([upscale_bilinear(d * 255 / 16) for d in digits.images[indices[split]]])
+    for image, label in zip(images[:3], labels[:3]):
+      errors = np.abs(expected - image[..., 0]).max(axis=(1, 2))
+      assert np.any((errors <= 1.0) & (digits.target[indices[split]] == label))
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3, 4])
+def test_process_shares_partition_the_split(digits_dir, process_count):
+  builder = tfds.builder('sklearn_digits', data_dir=str(digits_dir))
+  read_config = tfds.ReadConfig(add_tfds_id=True)
+
+  def ids(split):
+    ds = builder.as_dataset(split=split, batch_size=-1, read_config=read_config,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+    return list(tfds.as_numpy(ds)['tfds_id'])
+
+  shares = [ids(input_pipeline.process_split('train', i, process_count))
+            for i in range(process_count)]
+  assert max(map(len, shares)) - min(map(len, shares)) <= 1
+  assert sorted(sum(shares, [])) == sorted(ids('train'))  # disjoint and covering
+  assert len(set(sum(shares, []))) == NUM_TRAIN
+
+
+def test_train_epoch_is_the_process_share(digits_dir):
+  config = make_config(digits_dir)
+  config.dataset.random_flip = False
+  for index in range(2):
+    share, _ = input_pipeline.create_eval_dataset(config, 'train', batch_size=64,
+                                                  process_index=index, process_count=2)
+    share_keys = [k for b in share for k, m in zip(keys(b['image']), b['mask']) if m]
+    batches = take(input_pipeline.create_train_iterator(
+        config, process_index=index, process_count=2), len(share_keys) // 32 + 1)
+    assert all(b.shape == (32, 16, 16, 1) and b.dtype == np.float32 for b in batches)
+    epoch = keys(np.concatenate(batches))[:len(share_keys)]
+    assert collections.Counter(epoch) == collections.Counter(share_keys)
+
+
+@pytest.mark.parametrize('process_index,process_count,steps_per_call,starts', [
+    (0, 1, 1, (5, 23, 24)),   # batch 23 straddles the 1497-example epoch boundary
+    (1, 2, 2, (3, 11, 12, 23, 24)),  # 64 examples per call over 748: calls 11 and 23 straddle
+])
+def test_resumed_iterator_continues_the_uninterrupted_one(digits_dir, process_index,
+                                                          process_count, steps_per_call, starts):
+  config = make_config(digits_dir, steps_per_call=steps_per_call)
+  make = lambda start: input_pipeline.create_train_iterator(
+      config, start_step=start, process_index=process_index, process_count=process_count)
+  reference = take(make(0), max(starts) + 3)
+  local = 64 // process_count
+  expected_shape = (local,) if steps_per_call == 1 else (steps_per_call, local)
+  assert reference[0].shape == expected_shape + (16, 16, 1)
+  for start in starts:
+    for want, got in zip(reference[start:], take(make(start), 3)):
+      np.testing.assert_array_equal(got, want)
+
+
+def test_batches_are_scaled_to_unit_interval(digits_dir):
+  batch = next(input_pipeline.create_train_iterator(make_config(digits_dir), process_index=2,
+                                                    process_count=4))['image']
+  assert batch.dtype == np.float32 and batch.shape == (16, 16, 16, 1)
+  assert batch.min() == -1.0 and batch.max() == 1.0
+  grid = (batch + 1.0) * 127.5
+  np.testing.assert_allclose(grid, np.round(grid), atol=1e-4)  # x / 127.5 - 1 of uint8 x
+
+
+def test_indivisible_global_batch_is_a_clear_error(digits_dir):
+  with pytest.raises(ValueError, match='global batch size 64 is not divisible by the number of '
+                                       'processes 3'):
+    input_pipeline.create_train_iterator(make_config(digits_dir), process_index=0,
+                                         process_count=3)
+
+
+@pytest.mark.parametrize('random_flip', [False, True])
+def test_flips_only_when_configured(digits_dir, random_flip):
+  config = make_config(digits_dir)
+  config.dataset.random_flip = random_flip
+  eval_batches, _ = input_pipeline.create_eval_dataset(config, 'train', batch_size=64)
+  originals = {k for b in eval_batches for k in keys(b['image'])}
+  mirrors = {k for b in eval_batches for k in keys(b['image'][:, :, ::-1])}
+  images = np.concatenate(take(input_pipeline.create_train_iterator(config), 2 * NUM_TRAIN // 64))
+  flipped = [k not in originals for k in keys(images)]
+  assert all(k in originals or k in mirrors for k in keys(images))
+  if random_flip:
+    assert 0.35 < np.mean(flipped) < 0.65  # about half (mirror-symmetric digits count as kept)
+  else:
+    assert not any(flipped)
+
+
+def test_missing_dataset_raises_with_prepare_command(tmp_path):
+  config = default.get_config()
+  config.dataset.name, config.dataset.data_dir, config.dataset.download = (
+      'cifar10', str(tmp_path), False)
+  start = time.monotonic()
+  with pytest.raises(input_pipeline.DatasetNotPreparedError) as error:
+    input_pipeline.check_prepared(config)
+  assert time.monotonic() - start < 10
+  command = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('cifar10', "
+             f"data_dir='{tmp_path}').download_and_prepare()\"")
+  assert command in str(error.value)
+  assert '--config.dataset.download=True' in str(error.value)
+
+
+@pytest.mark.parametrize('name,needles', [
+    ('lsun/bedroom', ('bedroom_train_lmdb.zip and bedroom_val_lmdb.zip', 'downloads/manual')),
+    ('celeb_a_hq/256', ('data256x256.tar', 'downloads/manual')),
+])
+def test_manual_datasets_explain_the_manual_steps(tmp_path, name, needles):
+  config = default.get_config()
+  config.dataset.name, config.dataset.data_dir = name, str(tmp_path)
+  with pytest.raises(input_pipeline.DatasetNotPreparedError) as error:
+    input_pipeline.check_prepared(config)
+  assert all(needle in str(error.value) for needle in (str(tmp_path),) + needles)
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3, 4])
+def test_eval_dataset_covers_the_split_once_with_equal_batch_counts(digits_dir, process_count):
+  config = make_config(digits_dir)
+  builder = tfds.builder('sklearn_digits', data_dir=str(digits_dir))
+  images = tfds.as_numpy(builder.as_dataset(split='train', batch_size=-1))['image']
+  real, counts = [], set()
+  for index in range(process_count):
+    batches, num_batches = input_pipeline.create_eval_dataset(
+        config, 'train', batch_size=24, process_index=index, process_count=process_count)
+    batches = list(batches)
+    counts.add((num_batches, len(batches)))
+    for batch in batches:
+      assert batch['image'].shape == (24 // process_count, 16, 16, 1)
+      assert set(batch['mask']) <= {0.0, 1.0} and batch['mask'].dtype == np.float32
+      real += keys(batch['image'][batch['mask'] == 1])
+      assert not batch['image'][batch['mask'] == 0].any()
+  assert len(counts) == 1 and counts.pop()[0] == -(-NUM_TRAIN // 24)
+  assert collections.Counter(real) == collections.Counter(keys(images / 127.5 - 1.0))
+
+
+def test_preprocess_center_crops_resizes_and_keeps_the_uint8_grid():
+  config = default.get_config()
+  config.dataset.image_size, config.dataset.center_crop = 32, True
+  image = np.zeros((40, 60, 3), np.uint8)
+  image[:, 10:50] = 200  # the centered 40x40 square; the 10-pixel bands at the sides are cropped
+  out = input_pipeline.preprocess(tf.constant(image), config).numpy()
+  assert out.shape == (32, 32, 3) and out.dtype == np.float32
+  np.testing.assert_allclose(out, 200 / 127.5 - 1.0, rtol=1e-6)
+  ramp = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64, 1)
+  gray = input_pipeline.preprocess(tf.constant(ramp), config).numpy()
+  assert gray.shape == (32, 32, 1) and -1.0 <= gray.min() <= gray.max() <= 1.0
+  np.testing.assert_allclose((gray + 1) * 127.5, np.round((gray + 1) * 127.5), atol=1e-4)

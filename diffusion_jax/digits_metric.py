@@ -1,7 +1,7 @@
 """Domain metric for `sklearn_digits`: a small classifier's Fréchet distance, confidence and class balance.
 
 FID's Inception weights are not bundled, so digits samples are scored with a small CNN trained
-deterministically on the digits TRAIN split (~10-20 s on 2 CPU cores, then cached as .npz):
+deterministically on the digits TRAIN split (~15-30 s on 2 CPU cores, then cached as .npz):
 
   fd                   Fréchet distance between the images' 64-d penultimate features (before their ReLU)
                        and a real split's (`fid.FeatureStats` + `fid.frechet_distance`). Like FID it grows
@@ -10,15 +10,15 @@ deterministically on the digits TRAIN split (~10-20 s on 2 CPU cores, then cache
   class_histogram      fraction of images per predicted class 0..9 (real digits: ~0.1 each);
                        min_class_fraction / max_class_fraction summarize it.
 
-Images are uint8 [N, 16, 16, 1] (what `--mode=sample` saves); the network sees x / 127.5 - 1 like
+Images are uint8 [N, 8, 8, 1] (what `--mode=sample` saves); the network sees x / 127.5 - 1 like
 the diffusion model. The baseline (`real_digits_baseline`) is the held-out TEST digits scored against
 the TRAIN-split reference: what a generator of fresh digits from the data distribution would get
 (at 300 images). Score samples against the same reference, from the repository root:
 
   python -m diffusion_jax.digits_metric --npz=WORKDIR/samples/ema_step_XXXXXXXX_nN.npz [--data_dir=DIR]
 
-Caveat: like any classifier it is over-confident on some non-digits (an all-black image is a
-confident "1"), so read confident_fraction together with the histogram and fd.
+Caveat: like any classifier it is over-confident on some non-digits (many pure-noise images get a
+confident class), so read confident_fraction together with the histogram and fd.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ DATASET_NAME = sklearn_digits.SklearnDigits.name
 IMAGE_SHAPE = (sklearn_digits.IMAGE_SIZE, sklearn_digits.IMAGE_SIZE, 1)
 NUM_CLASSES = 10
 FEATURE_DIM = 64
-VERSION = 'digits-cnn-v1'  # bump on any change to the network, preprocessing or training
+VERSION = 'digits-cnn-v2'  # bump on any change to the network, preprocessing or training
 # Training recipe; part of the cache key, so changing any value retrains.
 TRAIN_HPARAMS = dict(seed=0, steps=500, batch_size=128, learning_rate=3e-3, weight_decay=1e-4, max_shift=1)
 CLASSIFIER_SUBDIR = 'sklearn_digits_classifier'
@@ -66,12 +66,11 @@ FLAGS = flags.FLAGS
 
 
 class DigitsCNN(nn.Module):
-  """Three 3x3 convs (16, 32, 64 channels; 16 -> 8 -> 4 by average pooling), a 64-d ReLU layer, 10 logits."""
+  """Three 3x3 convs (32, 32 at 8x8; 64 at 4x4 after average pooling), a 64-d ReLU layer, 10 logits."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = nn.relu(nn.Conv(16, (3, 3), name='conv1')(x))
-    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(32, (3, 3), name='conv1')(x))
     x = nn.relu(nn.Conv(32, (3, 3), name='conv2')(x))
     x = nn.avg_pool(x, (2, 2), (2, 2))
     x = nn.relu(nn.Conv(64, (3, 3), name='conv3')(x))
@@ -96,13 +95,14 @@ def _features_and_probs(params: Params, images: jax.Array) -> tuple[jax.Array, j
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
-  """Returns `images` as a numpy uint8 [N, 16, 16, 1] array or raises a clear error."""
+  """Returns `images` as a numpy uint8 [N, 8, 8, 1] array or raises a clear error."""
   images = np.asarray(images)
   if images.dtype != np.uint8:
     raise TypeError(f'digits_metric expects uint8 images in [0, 255] (as --mode=sample saves them), got '
                     f'{images.dtype}; convert [-1, 1] floats with sampling.to_uint8 first.')
   if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-    raise ValueError(f'digits_metric expects images of shape [N, 16, 16, 1], got {images.shape}')
+    raise ValueError(f'digits_metric expects images of shape [N, {", ".join(map(str, IMAGE_SHAPE))}], '
+                     f'got {images.shape}')
   return images
 
 
@@ -114,7 +114,7 @@ class DigitsClassifier:
   test_accuracy: float
 
   def features_and_probs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, 16, 16, 1] -> (features float32 [N, 64], probs float32 [N, 10]), jitted in fixed-size batches."""
+    """uint8 [N, 8, 8, 1] -> (features float32 [N, 64], probs float32 [N, 10]), jitted in fixed-size batches."""
     images = _check_images(images)
     features, probs = [], []
     for start in range(0, len(images), _EVAL_BATCH):
@@ -146,7 +146,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def load_split(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 images [N, 16, 16, 1], int labels [N]) of a digits split, in file order (built offline if needed)."""
+  """(uint8 images [N, 8, 8, 1], int labels [N]) of a digits split, in file order (built offline if needed)."""
   _check_config(config)
   builder = input_pipeline.get_builder(config)
   data = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False,
@@ -444,7 +444,7 @@ if __name__ == '__main__':
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
-  flags.DEFINE_string('npz', None, 'An .npz with `images` uint8 [N, 16, 16, 1] (as --mode=sample writes).')
+  flags.DEFINE_string('npz', None, 'An .npz with `images` uint8 [N, 8, 8, 1] (as --mode=sample writes).')
   config_flags.DEFINE_config_file(
       'config', str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'digits.py'),
       'The training config (its dataset.data_dir holds the digits and the classifier cache).')

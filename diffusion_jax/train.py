@@ -154,8 +154,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                            learning_rate=schedule(state.step))
 
   def per_device(state: TrainState, images: jax.Array):
-    state, outputs = jax.lax.scan(one_step, state, images)
-    return state, outputs
+    if images.shape[0] == 1:
+      state, outputs = one_step(state, images[0])
+      return state, jax.tree.map(lambda x: x[None], outputs)
+    return jax.lax.scan(one_step, state, images)
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, DATA_AXIS)),
                           out_specs=(P(), P()))

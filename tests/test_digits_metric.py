@@ -17,9 +17,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_config(data_dir):
-  """configs/digits.py on `data_dir`."""
+  """configs/digits.py on `data_dir`, at the digits' native 8x8."""
   config = digits.get_config()
   config.dataset.data_dir = str(data_dir)
+  config.dataset.image_size = 8
   return config
 
 
@@ -32,7 +33,7 @@ def config(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def classifier(config):
-  return dm.load_or_train_classifier(config)  # trains once (~15-20 s on 2 cores), caches under data_dir
+  return dm.load_or_train_classifier(config)  # trains once (~15-30 s on 2 cores), caches under data_dir
 
 
 @pytest.fixture(scope='session')
@@ -54,7 +55,8 @@ def assert_same_params(a, b):
 
 def test_classifier_accuracy_and_test_split(classifier, test_digits):
   images, labels = test_digits
-  assert images.shape == (300, 16, 16, 1) and images.dtype == np.uint8
+  assert images.shape == (300, 8, 8, 1) and images.dtype == np.uint8
+  assert dm.IMAGE_SHAPE == (8, 8, 1)
   assert classifier.test_accuracy >= 0.95
   assert classifier.accuracy(images, labels) == pytest.approx(classifier.test_accuracy)
 
@@ -62,7 +64,7 @@ def test_classifier_accuracy_and_test_split(classifier, test_digits):
 def test_training_is_deterministic_and_cached(config, classifier, monkeypatch):
   path = dm.classifier_path(dm.default_cache_dir(config))
   assert path.exists() and path.parent.name == 'sklearn_digits_classifier'
-  assert dm.classifier_key() in path.name and dm.VERSION in path.name
+  assert dm.classifier_key() in path.name and dm.VERSION in path.name and dm.VERSION != 'digits-cnn-v1'
   images, labels = dm.load_split(config, 'train')
   # Determinism on short runs (the full run takes ~15 s; it is a loop of these same steps).
   first = dm.train_params(images, labels, steps=40)
@@ -92,7 +94,7 @@ def test_bad_cache_is_retrained(config, classifier, tmp_path, monkeypatch, damag
     params = classifier.params
     if damage == 'wrong_shapes':
       params = jax.tree.map(lambda x: x[..., :1], params)
-    key = 'digits-cnn-v0-deadbeef' if damage == 'other_version' else classifier.key
+    key = 'digits-cnn-v1-deadbeef' if damage == 'other_version' else classifier.key
     dm._save_classifier(path, dm.DigitsClassifier(params, key, 1.0))  # pylint: disable=protected-access
   calls = []
 
@@ -120,8 +122,10 @@ def test_features_and_probs(classifier, test_digits):
     np.testing.assert_allclose(many_features[start:start + 7], features, rtol=1e-5, atol=1e-5)
   with pytest.raises(TypeError, match='uint8'):
     classifier.features_and_probs(images.astype(np.float32) / 127.5 - 1)
-  with pytest.raises(ValueError, match='16, 16, 1'):
+  with pytest.raises(ValueError, match=r'\[N, 8, 8, 1\]'):
     classifier.features_and_probs(images[..., 0])
+  with pytest.raises(ValueError, match=r'\[N, 8, 8, 1\]'):  # e.g. samples of an old 16x16 model
+    classifier.features_and_probs(np.zeros((2, 16, 16, 1), np.uint8))
 
 
 def test_reference_stats_are_cached(config, classifier, train_ref, monkeypatch):
@@ -132,6 +136,8 @@ def test_reference_stats_are_cached(config, classifier, train_ref, monkeypatch):
   np.testing.assert_array_equal(mu, train_ref[0])
   np.testing.assert_array_equal(sigma, train_ref[1])
   assert mu.shape == (dm.FEATURE_DIM,) and sigma.shape == (dm.FEATURE_DIM, dm.FEATURE_DIM)
+  eigenvalues = np.linalg.eigvalsh(sigma)  # full-rank, well-conditioned features (no dead units)
+  assert eigenvalues.min() > 1e-6 * eigenvalues.max()
 
 
 def test_real_digits_score_well(config, classifier, test_digits, train_ref):
@@ -150,14 +156,15 @@ def test_real_digits_score_well(config, classifier, test_digits, train_ref):
 def test_noise_and_blank_images_fail(classifier, test_digits, train_ref):
   real = dm.digits_metrics(classifier, test_digits[0], train_ref)
   rng = np.random.default_rng(0)
-  noise = np.clip(np.round(rng.normal(127.5, 127.5, (300, 16, 16, 1))), 0, 255).astype(np.uint8)
-  blank = np.zeros((300, 16, 16, 1), np.uint8)
+  noise = np.clip(np.round(rng.normal(127.5, 127.5, (300, 8, 8, 1))), 0, 255).astype(np.uint8)
+  blank = np.zeros((300, 8, 8, 1), np.uint8)
   for name, images in (('noise', noise), ('blank', blank)):
     metrics = dm.digits_metrics(classifier, images, train_ref)
     assert metrics['fd'] > max(10 * real['fd'], 100), name
     assert metrics['max_class_fraction'] >= 0.3 and metrics['min_class_fraction'] <= 0.02, name
-  # Noise is also rarely classified confidently; a blank image is a confident "1" (see the module docstring).
+  # Neither is mostly classified confidently (though many noise images are; see the module docstring).
   assert dm.digits_metrics(classifier, noise, train_ref)['confident_fraction'] < 0.7
+  assert dm.digits_metrics(classifier, blank, train_ref)['confident_fraction'] < 0.7
 
 
 def test_fd_of_features_with_themselves_is_zero(config, classifier, test_digits):
@@ -197,5 +204,5 @@ def test_command_line(config, classifier, test_digits, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'trained the digits classifier' not in result.stderr  # used the cache
   out = result.stdout
-  assert '(step 7)' in out and "real 'test' digits (baseline)" in out
+  assert dm.classifier_key() in out and '(step 7)' in out and "real 'test' digits (baseline)" in out
   assert 'fd_n300' in out and 'confident_fraction' in out and 'class_histogram' in out

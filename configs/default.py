@@ -59,6 +59,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sample_every_steps = 50_000
   config.train.num_sample_images = 64      # the sample grid
   config.train.clip_denoised = True
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.metrics = 'inception'          # 'inception' (FID/IS) or 'digits' (sklearn_digits only)
+  config.eval.num_samples = 50_000           # --mode=eval, as the paper
+  config.eval.batch_size = 256               # global samples per sampling call; global NLL batch
+  config.eval.every_steps = 0                # in-loop evaluation period; 0 = off
+  config.eval.in_loop_num_samples = 2048     # as the original's 256x256 runs
+  config.eval.inception_path = ml_collections.config_dict.placeholder(str)  # FID Inception .npz
+  config.eval.reference_split = 'train'      # the paper's FID 3.17 is against train (5.24 test)
+  config.eval.reference_dir = ml_collections.config_dict.placeholder(str)   # None: <workdir>/fid_stats
+  config.eval.nll_split = 'test'
+  config.eval.nll_num_examples = ml_collections.config_dict.placeholder(int)  # None: whole split
   return config
 
 

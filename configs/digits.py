@@ -31,9 +31,15 @@ def get_config():
   config.optim.ema_decay = 0.995
 
   config.train.batch_size = 128
-  config.train.num_train_steps = 1500
+  config.train.num_train_steps = 1200
   config.train.log_every_steps = 50
-  config.train.checkpoint_every_steps = 500
-  config.train.sample_every_steps = 1500
+  config.train.checkpoint_every_steps = 400
+  config.train.sample_every_steps = 1200
   config.train.num_sample_images = 100
+
+  config.eval.metrics = 'digits'
+  config.eval.num_samples = 500
+  config.eval.batch_size = 100
+  config.eval.every_steps = config.train.num_train_steps  # once, at the end
+  config.eval.in_loop_num_samples = 500
   return config

@@ -4,8 +4,8 @@ One ``Evaluator`` serves both ``--mode=eval`` (``evaluate_checkpoint``: ``eval.n
 samples, the whole NLL split, a report folder) and the train loop (``make_in_loop_evaluator``:
 ``eval.in_loop_num_samples``, scalars only). Everything collective runs on every host:
 
-- Samples are drawn with ``sampling.make_sample_fn`` in chunks of ``eval.batch_size``, chunk c
-  with ``fold_in(rng, c)``, and only the first ``num_samples`` are scored.
+- Samples are drawn with one compiled ``sampling.make_sample_fn`` in chunks of (at most)
+  ``eval.batch_size``, chunk c with ``fold_in(rng, c)``; only the first ``num_samples`` are scored.
 - Inception runs sharded where the samples live (each device featurizes its own rows); the pool3
   features and logits of each chunk are then all-gathered, so every host accumulates the same
   float64 statistics: per chunk of 256 that moves 256 x (2048 + 1008) float32 = 3.1 MB to each
@@ -99,7 +99,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def global_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
-  """``eval.batch_size`` rounded up to a multiple of the device count (the eval dataset's global batch)."""
+  """``eval.batch_size`` rounded up to a multiple of the device count: the NLL data's global batch."""
   return _round_up(config.eval.batch_size, mesh.devices.size)
 
 
@@ -145,14 +145,21 @@ def _host_value(x: jax.Array) -> np.ndarray:
 
 
 def inception_input(images: jax.Array) -> jax.Array:
-  """[-1, 1] images → their 8-bit values as [0, 1] floats (uint8 / 255, as pytorch-fid reads PNGs), gray → RGB."""
+  """[-1, 1] → 8-bit values as [0, 1] floats (uint8 / 255, as pytorch-fid reads PNGs); gray → RGB."""
   x = jnp.clip(jnp.round((images + 1.0) * 127.5), 0.0, 255.0) / 255.0
   return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
 def make_inception_fn(mesh: Mesh) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
-  """Jitted ``(params, images in [-1, 1]) → (pool3, logits)`` sharded over ``mesh``, rows staying on their device."""
-  per_device = lambda params, images: fid.inception_outputs(params, inception_input(images))
+  """Jitted ``(params, [-1, 1] images) → (pool3, IS logits)`` over ``mesh``; rows stay on their device.
+
+  The IS logits are pool3 @ W without the fc bias, as OpenAI's IS code computes them.
+  """
+
+  def per_device(params, images):
+    pool3, logits = fid.inception_outputs(params, inception_input(images))
+    return pool3, logits - params['fc']['bias']
+
   return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                                out_specs=(P(DATA_AXIS), P(DATA_AXIS))))
 
@@ -211,7 +218,7 @@ def inception_reference_stats(config: ml_collections.ConfigDict, inception_fn: C
 
 def inception_metrics(inception_fn: Callable, inception_params: Any, chunks: Iterable[jax.Array],
                       num_samples: int, reference: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
-  """FID against ``reference`` (mu, sigma) and IS over 10 splits of the first ``num_samples`` samples."""
+  """FID against ``reference`` (mu, sigma) and IS (10 splits) of the first ``num_samples`` samples."""
   stats, logits = fid.FeatureStats(fid.POOL3_DIM), []
   outputs = (inception_fn(inception_params, samples) for samples in chunks)
   for pool3, chunk_logits in gathered_rows(outputs, num_samples):
@@ -228,7 +235,7 @@ def inception_metrics(inception_fn: Callable, inception_params: Any, chunks: Ite
 def digits_sample_metrics(classifier: digits_metric.DigitsClassifier,
                           reference: tuple[np.ndarray, np.ndarray], chunks: Iterable[jax.Array],
                           num_samples: int) -> dict[str, Any]:
-  """The digits metric (FD to the real reference, confidence, class balance) of the first ``num_samples``."""
+  """Digits FD to the real reference, confident fraction and class balance of ``num_samples``."""
   images = np.concatenate([sampling.to_uint8(rows) for rows in gathered_rows(chunks, num_samples)])
   m = digits_metric.digits_metrics(classifier, images, reference)
   return {'digits_fd': m['fd'], 'digits_confident_fraction': m['confident_fraction'],
@@ -349,7 +356,7 @@ def nll_bits_per_dim(bpd_fn: BpdFn, params: Any, batches: Iterable[dict[str, np.
 
 
 def write_nll_csv(path: epath.PathLike, result: NllResult) -> None:
-  """``t,term_bpd,cumulative_rate_bpd,distortion_rmse``, one row per t = 0..T-1 (see ``NllResult.table``)."""
+  """CSV ``t,term_bpd,cumulative_rate_bpd,distortion_rmse``: T rows (see ``NllResult.table``)."""
   table = result.table()
   lines = [','.join(table)]
   lines += [f'{int(t)},{a:.8g},{b:.8g},{c:.8g}' for t, a, b, c in zip(*table.values())]
@@ -359,7 +366,7 @@ def write_nll_csv(path: epath.PathLike, result: NllResult) -> None:
 
 
 def plot_nll(path: epath.PathLike, result: NllResult) -> None:
-  """PNG like the paper's Fig. 5: per-term bits vs t (log scale), rate vs reverse steps, distortion vs rate."""
+  """PNG like the paper's Fig. 5: terms vs t (log scale), rate vs reverse steps, distortion vs rate."""
   table = result.table()
   num_steps = len(table['t'])
   fig = Figure(figsize=(15, 4), layout='constrained')
@@ -409,7 +416,7 @@ class Evaluator:
   nll_split: str | None
 
   def __call__(self, params: Any, *, num_grid: int = 0) -> EvalResult:
-    """Sample metrics of ``num_samples`` samples, bits/dim if configured, the first ``num_grid`` samples.
+    """Sample metrics of ``num_samples`` samples, bits/dim if configured, the first ``num_grid``.
 
     The keys are fixed by ``config.seed``, so in-loop evaluations at different steps share their noise.
     """
@@ -470,7 +477,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   """``--mode=eval``: the latest checkpoint's EMA params → ``workdir/eval/step_<N>/`` (report.json,
   samples.png, nll_terms.csv, nll_terms.png) and ``eval/*`` scalars; returns the report."""
   check_eval_config(config)
-  workdir = epath.Path(workdir)
+  workdir = train.resolve_workdir(workdir)
   if not (workdir / 'checkpoints').exists():
     raise train.SetupError(f'No checkpoints in {workdir}: train first with --mode=train and the '
                            'same --workdir, or point --workdir at a run.')

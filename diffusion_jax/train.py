@@ -6,6 +6,7 @@ example's timestep and noise are drawn from a key folded with its global index i
 the step does not depend on how the batch is laid out over devices; dropout keys are per device.
 """
 
+import os
 import signal
 import threading
 from typing import Any, Callable, Iterator
@@ -25,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, models, sampling
+from diffusion_jax import evaluate, input_pipeline, models, sampling
 
 DATA_AXIS = sampling.DATA_AXIS
 GRAD_CLIP_MODES = ('per_device', 'global')
@@ -184,13 +185,19 @@ def global_batch(mesh: Mesh, local_images: np.ndarray) -> jax.Array:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def resolve_workdir(workdir: epath.PathLike) -> epath.Path:
+  """``workdir`` as an absolute path (Orbax rejects relative ones); gs:// paths as given."""
+  return epath.Path(workdir) if '://' in str(workdir) else epath.Path(os.path.abspath(workdir))
+
+
 def checkpoint_manager(workdir: epath.PathLike, config: ml_collections.ConfigDict,
                        *, read_only: bool = False) -> ocp.CheckpointManager:
   """Orbax manager for ``workdir/checkpoints``: async saves, the last K kept."""
+  workdir = resolve_workdir(workdir)
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
                                          enable_async_checkpointing=not read_only,
                                          read_only=read_only, create=not read_only)
-  return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options)
+  return ocp.CheckpointManager(workdir / 'checkpoints', options=options)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
@@ -236,10 +243,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   k = config.train.steps_per_call
   if k < 1:
     raise SetupError(f'train.steps_per_call must be >= 1, got {k}.')
-  for name in ('num_train_steps', 'checkpoint_every_steps', 'log_every_steps', 'sample_every_steps'):
-    value = config.train[name]
+  periods = {f'train.{name}': config.train[name] for name in (
+      'num_train_steps', 'checkpoint_every_steps', 'log_every_steps', 'sample_every_steps')}
+  periods['eval.every_steps'] = config.eval.every_steps
+  for name, value in periods.items():
     if value % k:
-      raise SetupError(f'train.{name}={value} must be a multiple of train.steps_per_call={k}.')
+      raise SetupError(f'{name}={value} must be a multiple of train.steps_per_call={k}.')
   if config.train.batch_size % jax.device_count():
     raise SetupError(f'train.batch_size={config.train.batch_size} must be divisible by the '
                      f'{jax.device_count()} devices; change --config.train.batch_size.')
@@ -270,7 +279,7 @@ def write_sample_grid(sample_fn: Callable, params: Any, rng: jax.Array, *, num_s
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) in ``workdir``: checkpoints, TensorBoard logs and sample grids land there."""
   validate(config)
-  workdir = epath.Path(workdir)
+  workdir = resolve_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   input_pipeline.check_prepared(config)
 
@@ -286,6 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   else:
     state = init_train_state(config, model, optimizer, mesh)
   start_step = int(state.step)
+  if start_step >= config.train.num_train_steps:
+    logging.info('The run in %s is complete (step %d); nothing to do.', workdir, start_step)
+    manager.close()
+    return state
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -303,9 +316,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_iter = input_pipeline.create_train_iterator(config, start_step=start_step // k)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                     every_steps=config.train.log_every_steps)
+  evaluator = (evaluate.make_in_loop_evaluator(config, workdir, model, diffusion, mesh)
+               if config.eval.every_steps else None)
   preemption = PreemptionHandler()
   collected = None
-  step = start_step
+  step = saved_step = start_step
   try:
     while step < num_steps:
       batch = next(train_iter)['image']
@@ -320,19 +335,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.write_scalars(step, {f'train/{name}': value
                                     for name, value in collected.compute().items()})
         collected = None
+      if step % config.train.checkpoint_every_steps == 0 or step == num_steps:
+        manager.save(step, args=ocp.args.StandardSave(state))
+        saved_step = step
       if step % config.train.sample_every_steps == 0 and step != num_steps:
         with report_progress.timed('sample'):
           write_sample_grid(sample_fn, state.ema_params, sample_rng,
                             num_samples=config.train.num_sample_images,
                             path=workdir / 'samples' / f'step_{step:08d}.png', writer=writer,
                             step=step)
-      if step % config.train.checkpoint_every_steps == 0 or step == num_steps:
-        manager.save(step, args=ocp.args.StandardSave(state))
+      if evaluator and step % config.eval.every_steps == 0:
+        with report_progress.timed('eval'):
+          evaluator(step, state.ema_params, writer)
       if preemption.should_stop(step):
         logging.warning('Preempted (SIGTERM) at step %d: saving and exiting.', step)
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        if saved_step != step:
+          manager.save(step, args=ocp.args.StandardSave(state), force=True)
         break
-    if step >= num_steps > start_step:
+    if step >= num_steps:
       write_sample_grid(sample_fn, state.ema_params, sample_rng,
                         num_samples=config.train.num_sample_images,
                         path=workdir / 'samples' / f'step_{step:08d}.png', writer=writer, step=step)
@@ -347,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                            num_samples: int) -> np.ndarray:
   """Draws samples with the latest checkpoint's EMA params; writes a PNG grid and an .npz."""
-  workdir = epath.Path(workdir)
+  workdir = resolve_workdir(workdir)
   if not (workdir / 'checkpoints').exists():
     raise SetupError(f'No checkpoints in {workdir}: train first with --mode=train and the same '
                      '--workdir, or point --workdir at a run.')

@@ -207,7 +207,7 @@ def test_inception_without_weights_names_the_field_and_the_conversion(data_dir, 
     evaluate.make_scorer(config, tmp_path, mesh)
 
 
-# ----------------------------------------------------------------------------- Inception, random weights
+# ----------------------------------------------------------------------------- random Inception
 
 
 @pytest.fixture(scope='module')

@@ -39,6 +39,7 @@ def tiny_config(data_dir: str, **train_overrides):
   config.train.update(batch_size=16, num_train_steps=4, log_every_steps=2,
                       checkpoint_every_steps=2, sample_every_steps=4, num_sample_images=8)
   config.train.update(train_overrides)
+  config.eval.every_steps = 0
   return config
 
 
@@ -106,15 +107,15 @@ def test_ema_starts_as_params_and_follows_decay(data_dir):
     np.testing.assert_allclose(e1, 0.9 * e0 + 0.1 * p, rtol=1e-5, atol=1e-7)
 
 
-def logged_losses(workdir: pathlib.Path) -> dict[int, float]:
-  """train/loss scalars from the TensorBoard event files in ``workdir``."""
-  losses = {}
+def logged_scalars(workdir: pathlib.Path, tag: str = 'train/loss') -> dict[int, float]:
+  """The ``tag`` scalars by step from the TensorBoard event files in ``workdir``."""
+  scalars = {}
   for path in sorted(workdir.glob('events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(str(path)):
       for value in event.summary.value:
-        if value.tag == 'train/loss':
-          losses[event.step] = float(tf.make_ndarray(value.tensor))
-  return losses
+        if value.tag == tag:
+          scalars[event.step] = float(tf.make_ndarray(value.tensor))
+  return scalars
 
 
 def test_stop_and_resume_reproduce_an_uninterrupted_run(data_dir, tmp_path):
@@ -125,7 +126,7 @@ def test_stop_and_resume_reproduce_an_uninterrupted_run(data_dir, tmp_path):
   for a, b in zip(jax.tree.leaves(jax.device_get(full.params)),
                   jax.tree.leaves(jax.device_get(resumed.params))):
     np.testing.assert_array_equal(a, b)
-  full_losses, split_losses = logged_losses(tmp_path / 'full'), logged_losses(tmp_path / 'split')
+  full_losses, split_losses = logged_scalars(tmp_path / 'full'), logged_scalars(tmp_path / 'split')
   assert sorted(full_losses) == [2, 4]
   assert full_losses == split_losses
   assert (tmp_path / 'full' / 'samples' / 'step_00000004.png').exists()
@@ -146,28 +147,29 @@ def test_invalid_settings_are_clear_errors(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-def run_main(*args: str, **popen_kwargs) -> subprocess.Popen:
+def run_main(*args: str, cwd: pathlib.Path = REPO) -> subprocess.Popen:
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.Popen([sys.executable, '-m', 'diffusion_jax.main', *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          **popen_kwargs)
+  return subprocess.Popen([sys.executable, '-m', 'diffusion_jax.main', *args], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def tiny_flags(data_dir: str, workdir: pathlib.Path, num_steps: int) -> list[str]:
-  return ['--config=configs/digits.py', f'--workdir={workdir}',
+def tiny_flags(data_dir: str, workdir: pathlib.Path | str, num_steps: int) -> list[str]:
+  return [f'--config={REPO / "configs" / "digits.py"}', f'--workdir={workdir}',
           f'--config.dataset.data_dir={data_dir}', '--config.dataset.image_size=8',
           '--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()',
           '--config.diffusion.num_diffusion_timesteps=20', '--config.train.batch_size=16',
           f'--config.train.num_train_steps={num_steps}', '--config.train.log_every_steps=1',
           '--config.train.checkpoint_every_steps=1', f'--config.train.sample_every_steps={num_steps}',
-          '--config.train.num_sample_images=8']
+          '--config.train.num_sample_images=8', f'--config.eval.every_steps={num_steps}',
+          '--config.eval.in_loop_num_samples=16', '--config.eval.batch_size=16']
 
 
 @pytest.mark.slow
 def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
   workdir = tmp_path / 'run'
-  flags = tiny_flags(data_dir, workdir, num_steps=400)
-  proc = run_main(*flags)
+  # From another directory, with a relative workdir (Orbax needs it made absolute).
+  flags = tiny_flags(data_dir, 'run', num_steps=400)
+  proc = run_main(*flags, cwd=tmp_path)
   deadline = time.time() + 300
   while not any(p.name.isdigit() for p in (workdir / 'checkpoints').glob('*')):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
@@ -179,12 +181,14 @@ def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert 0 < steps[-1] < 400
 
-  flags = tiny_flags(data_dir, workdir, num_steps=steps[-1] + 2)
-  out, _ = run_main(*flags).communicate(timeout=600)
+  flags = tiny_flags(data_dir, 'run', num_steps=steps[-1] + 2)
+  out, _ = run_main(*flags, cwd=tmp_path).communicate(timeout=600)
   assert f'Resumed from step {steps[-1]}' in out, out[-3000:]
   assert (workdir / 'samples' / f'step_{steps[-1] + 2:08d}.png').exists()
+  confident = logged_scalars(workdir, 'eval/digits_confident_fraction')
+  assert list(confident) == [steps[-1] + 2] and 0 <= confident[steps[-1] + 2] <= 1
 
-  proc = run_main(*flags, '--mode=sample', '--num_samples=5')
+  proc = run_main(*flags, '--mode=sample', '--num_samples=5', cwd=tmp_path)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
   with np.load(workdir / 'samples' / f'ema_step_{steps[-1] + 2:08d}_n5.npz') as f:
@@ -199,3 +203,36 @@ def test_cli_errors_are_clear(tmp_path):
   assert proc.returncode != 0
   assert 'Traceback' not in out
   assert "download_and_prepare()" in out and str(tmp_path / 'tfds') in out
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_resume_together(data_dir, tmp_path):
+  """Two processes x 4 CPU devices joined by jax.distributed on 127.0.0.1 run the CLI together."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'run'
+
+  def launch(num_steps: int) -> list[str]:
+    procs = []
+    for process_id in range(2):
+      env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+      procs.append(subprocess.Popen(
+          [sys.executable, '-m', 'diffusion_jax.main', *tiny_flags(data_dir, workdir, num_steps),
+           '--distributed', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+           f'--process_id={process_id}'],
+          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out[-3000:]
+    return outs
+
+  outs = launch(2)
+  assert all('process 0 / 2' in outs[0] or 'process 1 / 2' in out for out in outs)
+  assert '8 global devices' in outs[0]
+  outs = launch(4)
+  assert all('Resumed from step 2' in out for out in outs)
+  assert (workdir / 'samples' / 'step_00000004.png').exists()
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps[-1] == 4

@@ -25,6 +25,7 @@ def get_config():
   config.diffusion.num_diffusion_timesteps = 200
   config.diffusion.beta_start = 1e-4 * 1000 / 200
   config.diffusion.beta_end = 0.02 * 1000 / 200
+  config.diffusion.model_var_type = 'fixedsmall'  # sharper than fixedlarge here (README)
 
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 100

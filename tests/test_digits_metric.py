@@ -11,7 +11,7 @@ import pytest
 
 from configs import digits
 from diffusion_jax import digits_metric as dm
-from diffusion_jax import fid, input_pipeline
+from diffusion_jax import fid
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,10 +25,8 @@ def make_config(data_dir):
 
 
 @pytest.fixture(scope='session')
-def config(tmp_path_factory):
-  config = make_config(tmp_path_factory.mktemp('tfds'))
-  input_pipeline.get_builder(config)  # builds the digits offline
-  return config
+def config(data_dir):
+  return make_config(data_dir)
 
 
 @pytest.fixture(scope='session')

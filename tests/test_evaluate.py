@@ -117,15 +117,6 @@ def eval_section(**overrides) -> ml_collections.ConfigDict:
   return section
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> str:
-  path = str(tmp_path_factory.mktemp('tfds'))
-  config = digits.get_config()
-  config.dataset.data_dir = path
-  input_pipeline.get_builder(config)  # builds sklearn_digits offline
-  return path
-
-
 def tiny_config(data_dir: str, **eval_overrides) -> ml_collections.ConfigDict:
   """configs/digits.py with a one-level U-Net and 10 diffusion steps."""
   config = digits.get_config()

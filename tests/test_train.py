@@ -18,15 +18,6 @@ from diffusion_jax import input_pipeline, sampling, train
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> str:
-  path = str(tmp_path_factory.mktemp('tfds'))
-  config = digits.get_config()
-  config.dataset.data_dir = path
-  input_pipeline.get_builder(config)  # builds sklearn_digits offline
-  return path
-
-
 def tiny_config(data_dir: str, **train_overrides):
   """The digits config shrunk to seconds: 8x8 images, one level, 20 diffusion steps."""
   config = digits.get_config()

@@ -478,18 +478,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   samples.png, nll_terms.csv, nll_terms.png) and ``eval/*`` scalars; returns the report."""
   check_eval_config(config)
   workdir = train.resolve_workdir(workdir)
-  if not (workdir / 'checkpoints').exists():
-    raise train.SetupError(f'No checkpoints in {workdir}: train first with --mode=train and the '
-                           'same --workdir, or point --workdir at a run.')
-  manager = train.checkpoint_manager(workdir, config, read_only=True)
-  if manager.latest_step() is None:
-    raise train.SetupError(f'No complete checkpoint in {workdir / "checkpoints"}.')
   mesh = sampling.make_mesh()
   model = train.create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  state = train.restore_state(manager, train.abstract_train_state(config, model,
-                                                                  train.create_optimizer(config), mesh))
-  manager.close()
+  state = train.restore_latest(config, workdir, model, mesh)
   step = int(state.step)
   evaluator = build_evaluator(config, workdir, model, diffusion, mesh,
                               num_samples=config.eval.num_samples, nll_split=nll_split(config))

@@ -215,6 +215,23 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state: TrainState,
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
+def restore_latest(config: ml_collections.ConfigDict, workdir: epath.PathLike, model: nn.Module,
+                   mesh: Mesh) -> TrainState:
+  """The latest complete checkpoint in ``workdir``, or a SetupError saying what to do."""
+  workdir = resolve_workdir(workdir)
+  if not (workdir / 'checkpoints').exists():
+    raise SetupError(f'No checkpoints in {workdir}: train first with --mode=train and the same '
+                     '--workdir, or point --workdir at a run.')
+  manager = checkpoint_manager(workdir, config, read_only=True)
+  try:
+    if manager.latest_step() is None:
+      raise SetupError(f'No complete checkpoint in {workdir / "checkpoints"}.')
+    return restore_state(manager, abstract_train_state(config, model, create_optimizer(config),
+                                                       mesh))
+  finally:
+    manager.close()
+
+
 class PreemptionHandler:
   """Turns SIGTERM (TPU preemption) into a flag the loop checks; all hosts agree when multi-host."""
 
@@ -368,16 +385,10 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                            num_samples: int) -> np.ndarray:
   """Draws samples with the latest checkpoint's EMA params; writes a PNG grid and an .npz."""
   workdir = resolve_workdir(workdir)
-  if not (workdir / 'checkpoints').exists():
-    raise SetupError(f'No checkpoints in {workdir}: train first with --mode=train and the same '
-                     '--workdir, or point --workdir at a run.')
   mesh = sampling.make_mesh()
   model = create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  manager = checkpoint_manager(workdir, config, read_only=True)
-  if manager.latest_step() is None:
-    raise SetupError(f'No complete checkpoint in {workdir / "checkpoints"}.')
-  state = restore_state(manager, abstract_train_state(config, model, create_optimizer(config), mesh))
+  state = restore_latest(config, workdir, model, mesh)
   step = int(state.step)
   sample_fn = sampling.make_sample_fn(model, diffusion, mesh, image_shape=image_shape(config),
                                       num_samples=num_samples,

@@ -5,6 +5,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # On a CPU-only host: split it into this many JAX devices (data parallel; e.g. one per core).
+  # None keeps JAX's default of one. Applied by main.py before JAX starts; ignored on TPU/GPU.
+  config.num_cpu_devices = ml_collections.config_dict.placeholder(int)
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'cifar10'          # a TFDS name, e.g. 'lsun/bedroom', 'celeb_a_hq/256'

@@ -29,6 +29,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tf.config.set_visible_devices([], 'GPU')  # TF only feeds data; keep accelerators for JAX.
+  if FLAGS.config.num_cpu_devices:
+    jax.config.update('jax_num_cpu_devices', FLAGS.config.num_cpu_devices)
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX process %d / %d, %d local / %d global devices (%s).', jax.process_index(),

@@ -138,9 +138,13 @@ def test_invalid_settings_are_clear_errors(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
+def cli_env() -> dict[str, str]:
+  """The test environment without its 8-device XLA_FLAGS: the CLI sets its own device count."""
+  return {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+
+
 def run_main(*args: str, cwd: pathlib.Path = REPO) -> subprocess.Popen:
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.Popen([sys.executable, '-m', 'diffusion_jax.main', *args], cwd=cwd, env=env,
+  return subprocess.Popen([sys.executable, '-m', 'diffusion_jax.main', *args], cwd=cwd, env=cli_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -175,6 +179,7 @@ def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
   flags = tiny_flags(data_dir, 'run', num_steps=steps[-1] + 2)
   out, _ = run_main(*flags, cwd=tmp_path).communicate(timeout=600)
   assert f'Resumed from step {steps[-1]}' in out, out[-3000:]
+  assert '2 local / 2 global devices (cpu)' in out  # the digits config's num_cpu_devices
   assert (workdir / 'samples' / f'step_{steps[-1] + 2:08d}.png').exists()
   confident = logged_scalars(workdir, 'eval/digits_confident_fraction')
   assert list(confident) == [steps[-1] + 2] and 0 <= confident[steps[-1] + 2] <= 1
@@ -208,12 +213,11 @@ def test_two_processes_train_checkpoint_and_resume_together(data_dir, tmp_path):
   def launch(num_steps: int) -> list[str]:
     procs = []
     for process_id in range(2):
-      env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
       procs.append(subprocess.Popen(
           [sys.executable, '-m', 'diffusion_jax.main', *tiny_flags(data_dir, workdir, num_steps),
-           '--distributed', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+           '--config.num_cpu_devices=4', '--distributed', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
            f'--process_id={process_id}'],
-          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+          cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
       assert p.returncode == 0, out[-3000:]

@@ -1,0 +1,75 @@
+"""Digits train-step time on one CPU device vs `num_cpu_devices` devices, in alternating runs.
+
+  python benchmarks/cpu_devices.py --repeats=3 [--devices=2] [--steps=30]
+
+Each measurement runs in its own process (the CPU device count is fixed when JAX starts) and
+prints the mean step time of the digits config's jitted train step on a fixed batch, after a
+compile-and-warm-up step. The runs alternate so that machine noise hits both settings alike;
+the ratio of the medians is the figure to quote.
+"""
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_DEVICES = flags.DEFINE_integer('devices', 2, 'CPU devices to compare against one.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Alternating runs per setting.')
+_STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per run.')
+_CHILD = flags.DEFINE_integer('child', 0, 'Internal: time the step on this many devices.')
+
+
+def time_step(num_devices: int, steps: int) -> float:
+  """Mean seconds per digits train step on ``num_devices`` CPU devices."""
+  import jax
+  jax.config.update('jax_num_cpu_devices', num_devices)
+  import numpy as np
+  from configs import digits
+  from diffusion_jax import diffusion as diffusion_lib
+  from diffusion_jax import sampling, train
+
+  config = digits.get_config()
+  mesh = sampling.make_mesh()
+  model, optimizer = train.create_model(config), train.create_optimizer(config)
+  step = train.make_train_step(config, model, diffusion_lib.GaussianDiffusion.from_config(
+      config.diffusion), optimizer, mesh)
+  state = train.init_train_state(config, model, optimizer, mesh)
+  images = np.random.default_rng(0).uniform(
+      -1, 1, (1, config.train.batch_size, *train.image_shape(config))).astype(np.float32)
+  batch = train.global_batch(mesh, images)
+  state, _ = step(state, batch)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, _ = step(state, batch)
+  jax.block_until_ready(state)
+  return (time.perf_counter() - start) / steps
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    print(time_step(_CHILD.value, _STEPS.value))
+    return
+  times = {1: [], _DEVICES.value: []}
+  for _ in range(_REPEATS.value):
+    for n in times:
+      out = subprocess.run([sys.executable, __file__, f'--child={n}', f'--steps={_STEPS.value}'],
+                           check=True, capture_output=True, text=True).stdout
+      times[n].append(float(out.split()[-1]))
+  one, many = (statistics.median(times[n]) for n in times)
+  print(f'digits train step (batch {_batch_size()}), median of {_REPEATS.value} alternating runs:')
+  for n, ts in times.items():
+    print(f'  {n} CPU device(s): {statistics.median(ts):.3f} s  (runs: '
+          f'{", ".join(f"{t:.3f}" for t in ts)})')
+  print(f'  ratio 1 / {_DEVICES.value} devices: {one / many:.2f}x')
+
+
+def _batch_size() -> int:
+  from configs import digits
+  return digits.get_config().train.batch_size
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -14,6 +14,8 @@ import time
 
 from absl import app, flags
 
+from configs import digits
+
 _DEVICES = flags.DEFINE_integer('devices', 2, 'CPU devices to compare against one.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Alternating runs per setting.')
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per run.')
@@ -25,7 +27,6 @@ def time_step(num_devices: int, steps: int) -> float:
   import jax
   jax.config.update('jax_num_cpu_devices', num_devices)
   import numpy as np
-  from configs import digits
   from diffusion_jax import diffusion as diffusion_lib
   from diffusion_jax import sampling, train
 
@@ -59,16 +60,12 @@ def main(argv):
                            check=True, capture_output=True, text=True).stdout
       times[n].append(float(out.split()[-1]))
   one, many = (statistics.median(times[n]) for n in times)
-  print(f'digits train step (batch {_batch_size()}), median of {_REPEATS.value} alternating runs:')
+  batch_size = digits.get_config().train.batch_size
+  print(f'digits train step (batch {batch_size}), median of {_REPEATS.value} alternating runs:')
   for n, ts in times.items():
     print(f'  {n} CPU device(s): {statistics.median(ts):.3f} s  (runs: '
           f'{", ".join(f"{t:.3f}" for t in ts)})')
   print(f'  ratio 1 / {_DEVICES.value} devices: {one / many:.2f}x')
-
-
-def _batch_size() -> int:
-  from configs import digits
-  return digits.get_config().train.batch_size
 
 
 if __name__ == '__main__':

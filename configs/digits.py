@@ -11,7 +11,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.num_cpu_devices = 2  # ~2x the steps/s of JAX's single 2-thread CPU device (README)
+  config.num_cpu_devices = 2  # 1.5x the steps/s of JAX's one CPU device (BENCHMARKS.md)
   config.dataset.name = 'sklearn_digits'
   config.dataset.image_size = 8
   config.dataset.num_channels = 1

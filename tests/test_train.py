@@ -144,8 +144,9 @@ def cli_env() -> dict[str, str]:
 
 
 def run_main(*args: str, cwd: pathlib.Path = REPO) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, '-m', 'diffusion_jax.main', *args], cwd=cwd, env=cli_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen([sys.executable, '-m', 'diffusion_jax.main', *args], cwd=cwd,
+                          env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
 
 
 def tiny_flags(data_dir: str, workdir: pathlib.Path | str, num_steps: int) -> list[str]:
@@ -215,7 +216,8 @@ def test_two_processes_train_checkpoint_and_resume_together(data_dir, tmp_path):
     for process_id in range(2):
       procs.append(subprocess.Popen(
           [sys.executable, '-m', 'diffusion_jax.main', *tiny_flags(data_dir, workdir, num_steps),
-           '--config.num_cpu_devices=4', '--distributed', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+           '--config.num_cpu_devices=4', '--distributed',
+           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
            f'--process_id={process_id}'],
           cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]

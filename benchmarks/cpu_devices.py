@@ -7,6 +7,7 @@ prints the mean step time of the digits config's jitted train step on a fixed ba
 compile-and-warm-up step. The runs alternate so that machine noise hits both settings alike;
 the ratio of the medians is the figure to quote.
 """
+
 import statistics
 import subprocess
 import sys
@@ -25,19 +26,25 @@ _CHILD = flags.DEFINE_integer('child', 0, 'Internal: time the step on this many 
 def time_step(num_devices: int, steps: int) -> float:
   """Mean seconds per digits train step on ``num_devices`` CPU devices."""
   import jax
+
   jax.config.update('jax_num_cpu_devices', num_devices)
   import numpy as np
+
   from diffusion_jax import diffusion as diffusion_lib
   from diffusion_jax import sampling, train
 
   config = digits.get_config()
   mesh = sampling.make_mesh()
   model, optimizer = train.create_model(config), train.create_optimizer(config)
-  step = train.make_train_step(config, model, diffusion_lib.GaussianDiffusion.from_config(
-      config.diffusion), optimizer, mesh)
+  step = train.make_train_step(
+    config, model, diffusion_lib.GaussianDiffusion.from_config(config.diffusion), optimizer, mesh
+  )
   state = train.init_train_state(config, model, optimizer, mesh)
-  images = np.random.default_rng(0).uniform(
-      -1, 1, (1, config.train.batch_size, *train.image_shape(config))).astype(np.float32)
+  images = (
+    np.random.default_rng(0)
+    .uniform(-1, 1, (1, config.train.batch_size, *train.image_shape(config)))
+    .astype(np.float32)
+  )
   batch = train.global_batch(mesh, images)
   state, _ = step(state, batch)
   jax.block_until_ready(state)
@@ -56,15 +63,21 @@ def main(argv):
   times = {1: [], _DEVICES.value: []}
   for _ in range(_REPEATS.value):
     for n in times:
-      out = subprocess.run([sys.executable, __file__, f'--child={n}', f'--steps={_STEPS.value}'],
-                           check=True, capture_output=True, text=True).stdout
+      out = subprocess.run(
+        [sys.executable, __file__, f'--child={n}', f'--steps={_STEPS.value}'],
+        check=True,
+        capture_output=True,
+        text=True,
+      ).stdout
       times[n].append(float(out.split()[-1]))
   one, many = (statistics.median(times[n]) for n in times)
   batch_size = digits.get_config().train.batch_size
   print(f'digits train step (batch {batch_size}), median of {_REPEATS.value} alternating runs:')
   for n, ts in times.items():
-    print(f'  {n} CPU device(s): {statistics.median(ts):.3f} s  (runs: '
-          f'{", ".join(f"{t:.3f}" for t in ts)})')
+    print(
+      f'  {n} CPU device(s): {statistics.median(ts):.3f} s  (runs: '
+      f'{", ".join(f"{t:.3f}" for t in ts)})'
+    )
   print(f'  ratio 1 / {_DEVICES.value} devices: {one / many:.2f}x')
 
 

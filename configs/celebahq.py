@@ -1,4 +1,5 @@
 """CelebA-HQ 256x256 (Ho et al. 2020, Appendix B): 0.5M steps, fixedsmall sampling."""
+
 from configs import default
 
 

@@ -1,4 +1,5 @@
 """Shared defaults: the paper's settings (Ho et al. 2020, Appendix B) for a 32x32 model."""
+
 import ml_collections
 
 
@@ -10,15 +11,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_cpu_devices = ml_collections.config_dict.placeholder(int)
 
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = 'cifar10'          # a TFDS name, e.g. 'lsun/bedroom', 'celeb_a_hq/256'
+  config.dataset.name = 'cifar10'  # a TFDS name, e.g. 'lsun/bedroom', 'celeb_a_hq/256'
   config.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir; may be gs://
-  config.dataset.download = False          # never let an offline machine hang on retries
+  config.dataset.download = False  # never let an offline machine hang on retries
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'test'
   config.dataset.image_size = 32
   config.dataset.num_channels = 3
   config.dataset.random_flip = True
-  config.dataset.center_crop = False       # LSUN: center crop to a square, then resize
+  config.dataset.center_crop = False  # LSUN: center crop to a square, then resize
   config.dataset.shuffle_buffer_size = 50_000
   config.dataset.prefetch = 2
 
@@ -29,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attn_resolutions = (16,)
   config.model.dropout = 0.1
   config.model.resamp_with_conv = True
-  config.model.dtype = 'float32'           # 'bfloat16' on TPU: bf16 compute, f32 params
+  config.model.dtype = 'float32'  # 'bfloat16' on TPU: bf16 compute, f32 params
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.beta_schedule = 'linear'
@@ -53,32 +54,35 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.ema_decay = 0.9999
 
   config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 128            # global, over all devices of all hosts
+  config.train.batch_size = 128  # global, over all devices of all hosts
   config.train.num_train_steps = 800_000
-  config.train.steps_per_call = 1          # >1: several steps per host call (lax.scan)
+  config.train.steps_per_call = 1  # >1: several steps per host call (lax.scan)
   config.train.log_every_steps = 100
   config.train.checkpoint_every_steps = 10_000
   config.train.keep_checkpoints = 3
   config.train.sample_every_steps = 50_000
-  config.train.num_sample_images = 64      # the sample grid
+  config.train.num_sample_images = 64  # the sample grid
   config.train.clip_denoised = True
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.metrics = 'inception'          # 'inception' (FID/IS) or 'digits' (sklearn_digits only)
-  config.eval.num_samples = 50_000           # --mode=eval, as the paper
-  config.eval.batch_size = 256               # global samples per sampling call; global NLL batch
-  config.eval.every_steps = 0                # in-loop evaluation period; 0 = off
-  config.eval.in_loop_num_samples = 2048     # as the original's 256x256 runs
+  config.eval.metrics = 'inception'  # 'inception' (FID/IS) or 'digits' (sklearn_digits only)
+  config.eval.num_samples = 50_000  # --mode=eval, as the paper
+  config.eval.batch_size = 256  # global samples per sampling call; global NLL batch
+  config.eval.every_steps = 0  # in-loop evaluation period; 0 = off
+  config.eval.in_loop_num_samples = 2048  # as the original's 256x256 runs
   config.eval.inception_path = ml_collections.config_dict.placeholder(str)  # FID Inception .npz
-  config.eval.reference_split = 'train'      # the paper's FID 3.17 is against train (5.24 test)
-  config.eval.reference_dir = ml_collections.config_dict.placeholder(str)   # None: <workdir>/fid_stats
+  config.eval.reference_split = 'train'  # the paper's FID 3.17 is against train (5.24 test)
+  config.eval.reference_dir = ml_collections.config_dict.placeholder(
+    str
+  )  # None: <workdir>/fid_stats
   config.eval.nll_split = 'test'
   config.eval.nll_num_examples = ml_collections.config_dict.placeholder(int)  # None: whole split
   return config
 
 
-def get_256_config(dataset: str, *, num_train_steps: int,
-                   random_flip: bool) -> ml_collections.ConfigDict:
+def get_256_config(
+  dataset: str, *, num_train_steps: int, random_flip: bool
+) -> ml_collections.ConfigDict:
   """The paper's 256x256 model (114M params) and optimizer settings on a TFDS dataset."""
   config = get_config()
   config.dataset.name = dataset

@@ -6,6 +6,7 @@ alphas_cumprod at the last step (≈4.5e-5) where the paper's is, and sampling c
 Width, depth, batch, learning rate and EMA are chosen for a short run (see README). On a CPU-only
 host the run is data parallel over 2 CPU devices, one per core of the 2-core target machine.
 """
+
 from configs import default
 
 

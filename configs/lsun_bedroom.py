@@ -1,4 +1,5 @@
 """LSUN bedroom 256x256 (Ho et al. 2020, Appendix B): 2.4M steps, fixedsmall sampling."""
+
 from configs import default
 
 

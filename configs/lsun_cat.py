@@ -1,4 +1,5 @@
 """LSUN cat 256x256 (Ho et al. 2020, Appendix B): 1.8M steps, fixedsmall sampling."""
+
 from configs import default
 
 

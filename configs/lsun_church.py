@@ -1,4 +1,5 @@
 """LSUN church 256x256 (Ho et al. 2020, Appendix B): 1.2M steps, fixedsmall sampling."""
+
 from configs import default
 
 

@@ -8,10 +8,12 @@ Names follow the original release (diffusion_tf/diffusion_utils_2.py). Timesteps
 so it can be closed over or passed into ``jax.jit``. Nothing here holds a network:
 every method takes a ``model_fn(x_t, t)`` or its output.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,9 @@ BETA_SCHEDULES = ('linear', 'quad', 'const', 'jsd', 'warmup10', 'warmup50', 'cos
 # ----------------------------------------------------------------------------- schedules
 
 
-def _warmup_beta(beta_start: float, beta_end: float, num_diffusion_timesteps: int,
-                 warmup_frac: float) -> np.ndarray:
+def _warmup_beta(
+  beta_start: float, beta_end: float, num_diffusion_timesteps: int, warmup_frac: float
+) -> np.ndarray:
   """Linear warm-up over the first ``warmup_frac`` of the steps, then constant ``beta_end``."""
   betas = beta_end * np.ones(num_diffusion_timesteps, dtype=np.float64)
   warmup_time = int(num_diffusion_timesteps * warmup_frac)
@@ -41,16 +44,18 @@ def _warmup_beta(beta_start: float, beta_end: float, num_diffusion_timesteps: in
   return betas
 
 
-def _cosine_betas(num_diffusion_timesteps: int, s: float = 0.008,
-                  max_beta: float = 0.999) -> np.ndarray:
+def _cosine_betas(
+  num_diffusion_timesteps: int, s: float = 0.008, max_beta: float = 0.999
+) -> np.ndarray:
   """Nichol & Dhariwal (2021) Eq. 17: alphas_cumprod = cos²((t/T + s)/(1 + s)·π/2)."""
   steps = np.arange(num_diffusion_timesteps + 1, dtype=np.float64) / num_diffusion_timesteps
   alphas_cumprod = np.cos((steps + s) / (1 + s) * np.pi / 2) ** 2
   return np.minimum(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], max_beta)
 
 
-def get_beta_schedule(kind: str, *, beta_start: float, beta_end: float,
-                      num_diffusion_timesteps: int) -> np.ndarray:
+def get_beta_schedule(
+  kind: str, *, beta_start: float, beta_end: float, num_diffusion_timesteps: int
+) -> np.ndarray:
   """The β_t of Eq. 2 as float64; the paper's is ``linear`` 1e-4..0.02, T=1000.
 
   ``cosine`` ignores ``beta_start``/``beta_end``.
@@ -61,7 +66,7 @@ def get_beta_schedule(kind: str, *, beta_start: float, beta_end: float,
   if kind == 'linear':
     betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
   elif kind == 'quad':
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64)**2
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
   elif kind == 'const':
     betas = beta_end * np.ones(n, dtype=np.float64)
   elif kind == 'jsd':  # 1/T, 1/(T-1), ..., 1
@@ -75,8 +80,10 @@ def get_beta_schedule(kind: str, *, beta_start: float, beta_end: float,
   else:
     raise ValueError(f'Unknown beta schedule {kind!r}; choose one of {BETA_SCHEDULES}.')
   if not np.all((betas > 0) & (betas <= 1)):
-    raise ValueError(f'Betas of schedule {kind!r} must lie in (0, 1]; check beta_start and '
-                     f'beta_end (got {beta_start}, {beta_end}).')
+    raise ValueError(
+      f'Betas of schedule {kind!r} must lie in (0, 1]; check beta_start and '
+      f'beta_end (got {beta_start}, {beta_end}).'
+    )
   return betas
 
 
@@ -90,8 +97,13 @@ def mean_flat(x: Array) -> Array:
 
 def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
   """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats (the terms of Eq. 5)."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (
+    -1.0
+    + logvar2
+    - logvar1
+    + jnp.exp(logvar1 - logvar2)
+    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+  )
 
 
 def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: Array) -> Array:
@@ -109,8 +121,9 @@ def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: A
   ndtr = jax.scipy.special.ndtr
   cdf_delta = jnp.where(centered > 0, ndtr(-min_in) - ndtr(-plus_in), ndtr(plus_in) - ndtr(min_in))
   log_cdf_delta = jnp.log(jnp.maximum(cdf_delta, 1e-12))
-  return jnp.where(x < -0.999, log_cdf_plus,
-                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+  return jnp.where(
+    x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+  )
 
 
 def _extract(a: Array, t: Array, x_shape: tuple[int, ...]) -> Array:
@@ -136,11 +149,18 @@ class GaussianDiffusion:
       variational bound, Eq. 5, in bits/dim).
   """
 
-  def __init__(self, betas: np.ndarray, model_mean_type: MeanType = 'eps',
-               model_var_type: VarType = 'fixedlarge', loss_type: LossType = 'mse'):
-    for name, value, allowed in (('model_mean_type', model_mean_type, MEAN_TYPES),
-                                 ('model_var_type', model_var_type, VAR_TYPES),
-                                 ('loss_type', loss_type, LOSS_TYPES)):
+  def __init__(
+    self,
+    betas: np.ndarray,
+    model_mean_type: MeanType = 'eps',
+    model_var_type: VarType = 'fixedlarge',
+    loss_type: LossType = 'mse',
+  ):
+    for name, value, allowed in (
+      ('model_mean_type', model_mean_type, MEAN_TYPES),
+      ('model_var_type', model_var_type, VAR_TYPES),
+      ('loss_type', loss_type, LOSS_TYPES),
+    ):
       if value not in allowed:
         raise ValueError(f'Unknown {name} {value!r}; choose one of {allowed}.')
     betas = np.asarray(betas, dtype=np.float64)
@@ -162,8 +182,9 @@ class GaussianDiffusion:
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
     # β̃ at the first step is 0; its log is clipped to the second step's value.
-    posterior_log_variance_clipped = np.log(np.append(posterior_variance[1:2],
-                                                      posterior_variance[1:]))
+    posterior_log_variance_clipped = np.log(
+      np.append(posterior_variance[1:2], posterior_variance[1:])
+    )
     if model_var_type == 'fixedlarge':
       model_variance = betas
       model_log_variance = np.log(np.append(posterior_variance[1:2], betas[1:]))
@@ -171,28 +192,31 @@ class GaussianDiffusion:
       model_variance = posterior_variance
       model_log_variance = posterior_log_variance_clipped
     return dict(
-        betas=betas,
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-        posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=posterior_log_variance_clipped,
-        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-        model_variance=model_variance,
-        model_log_variance=model_log_variance,
+      betas=betas,
+      alphas_cumprod=alphas_cumprod,
+      alphas_cumprod_prev=alphas_cumprod_prev,
+      sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+      log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+      sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+      sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+      posterior_variance=posterior_variance,
+      posterior_log_variance_clipped=posterior_log_variance_clipped,
+      posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+      posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+      model_variance=model_variance,
+      model_log_variance=model_log_variance,
     )
 
   @classmethod
-  def from_config(cls, config: Any) -> 'GaussianDiffusion':
+  def from_config(cls, config: Any) -> GaussianDiffusion:
     """Builds the process from a ``config.diffusion`` ConfigDict."""
-    betas = get_beta_schedule(config.beta_schedule, beta_start=config.beta_start,
-                              beta_end=config.beta_end,
-                              num_diffusion_timesteps=config.num_diffusion_timesteps)
+    betas = get_beta_schedule(
+      config.beta_schedule,
+      beta_start=config.beta_start,
+      beta_end=config.beta_end,
+      num_diffusion_timesteps=config.num_diffusion_timesteps,
+    )
     return cls(betas, config.model_mean_type, config.model_var_type, config.loss_type)
 
   # Pytree protocol: schedule arrays are leaves, the three types are static.
@@ -223,14 +247,19 @@ class GaussianDiffusion:
 
   def q_sample(self, x_start: Array, t: Array, noise: Array) -> Array:
     """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, a draw from q(x_t | x_0) (Eq. 4)."""
-    return (_extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+    return (
+      _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+      + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+    )
 
-  def q_posterior_mean_variance(self, x_start: Array, x_t: Array,
-                                t: Array) -> tuple[Array, Array, Array]:
+  def q_posterior_mean_variance(
+    self, x_start: Array, x_t: Array, t: Array
+  ) -> tuple[Array, Array, Array]:
     """Mean μ̃_t, variance β̃_t and clipped log-variance of q(x_{t-1} | x_t, x_0) (Eqs. 6–7)."""
-    mean = (_extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+    mean = (
+      _extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+      + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+    )
     variance = _extract(self.posterior_variance, t, x_t.shape)
     log_variance = _extract(self.posterior_log_variance_clipped, t, x_t.shape)
     return mean, variance, log_variance
@@ -239,21 +268,27 @@ class GaussianDiffusion:
 
   def predict_start_from_noise(self, x_t: Array, t: Array, noise: Array) -> Array:
     """x_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, inverting Eq. 4."""
-    return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+    return (
+      _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+      - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
+    )
 
   def predict_start_from_prev(self, x_t: Array, t: Array, x_prev: Array) -> Array:
     """x_0 from the posterior mean μ̃_t, inverting Eq. 7."""
-    return ((x_prev - _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-            / _extract(self.posterior_mean_coef1, t, x_t.shape))
+    return (x_prev - _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t) / _extract(
+      self.posterior_mean_coef1, t, x_t.shape
+    )
 
   def predict_start_from_v(self, x_t: Array, t: Array, v: Array) -> Array:
     """x_0 = √ᾱ_t x_t − √(1−ᾱ_t) v (Salimans & Ho 2022)."""
-    return (_extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+    return (
+      _extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+      - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
+    )
 
-  def p_mean_variance(self, model_output: Array, x_t: Array, t: Array,
-                      clip_denoised: bool = True) -> dict[str, Array]:
+  def p_mean_variance(
+    self, model_output: Array, x_t: Array, t: Array, clip_denoised: bool = True
+  ) -> dict[str, Array]:
     """Mean, variance and log-variance of p_θ(x_{t-1} | x_t) (Eq. 1), and the predicted x_0."""
     variance = _extract(self.model_variance, t, x_t.shape) * jnp.ones_like(x_t)
     log_variance = _extract(self.model_log_variance, t, x_t.shape) * jnp.ones_like(x_t)
@@ -270,13 +305,13 @@ class GaussianDiffusion:
         pred_xstart = model_output
       pred_xstart = maybe_clip(pred_xstart)
       mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
-    return dict(mean=mean, variance=variance, log_variance=log_variance,
-                pred_xstart=pred_xstart)
+    return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
 
   # --------------------------------------------------------------------------- losses
 
-  def vb_terms_bpd(self, model_output: Array, x_start: Array, x_t: Array, t: Array,
-                   clip_denoised: bool = True) -> tuple[Array, Array]:
+  def vb_terms_bpd(
+    self, model_output: Array, x_start: Array, x_t: Array, t: Array, clip_denoised: bool = True
+  ) -> tuple[Array, Array]:
     """Per-example L_{t-1} (Eq. 5) for t > 0, or the decoder NLL L_0 (Eq. 13) at t = 0, in bits/dim.
 
     Returns the terms and the predicted x_0.
@@ -284,8 +319,11 @@ class GaussianDiffusion:
     true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
     out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
     kl = mean_flat(normal_kl(true_mean, true_log_variance, out['mean'], out['log_variance']))
-    decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-        x_start, means=out['mean'], log_scales=0.5 * out['log_variance']))
+    decoder_nll = -mean_flat(
+      discretized_gaussian_log_likelihood(
+        x_start, means=out['mean'], log_scales=0.5 * out['log_variance']
+      )
+    )
     return jnp.where(t == 0, decoder_nll, kl) / math.log(2.0), out['pred_xstart']
 
   def prior_bpd(self, x_start: Array) -> Array:
@@ -294,8 +332,7 @@ class GaussianDiffusion:
     mean, _, log_variance = self.q_mean_variance(x_start, t)
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
-  def training_losses(self, model_fn: ModelFn, x_start: Array, t: Array,
-                      noise: Array) -> Array:
+  def training_losses(self, model_fn: ModelFn, x_start: Array, t: Array, noise: Array) -> Array:
     """Per-example loss: L_simple (Eq. 14, mean over dims) or the bound's term in bits/dim."""
     x_t = self.q_sample(x_start, t, noise)
     model_output = model_fn(x_t, t)
@@ -308,12 +345,15 @@ class GaussianDiffusion:
     elif self.model_mean_type == 'xprev':
       target = self.q_posterior_mean_variance(x_start, x_t, t)[0]
     else:
-      target = (_extract(self.sqrt_alphas_cumprod, t, x_t.shape) * noise
-                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_start)
+      target = (
+        _extract(self.sqrt_alphas_cumprod, t, x_t.shape) * noise
+        - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_start
+      )
     return mean_flat(jnp.square(target - model_output))
 
-  def calc_bpd_loop(self, model_fn: ModelFn, x_start: Array, rng: Array,
-                    clip_denoised: bool = True) -> dict[str, Array]:
+  def calc_bpd_loop(
+    self, model_fn: ModelFn, x_start: Array, rng: Array, clip_denoised: bool = True
+  ) -> dict[str, Array]:
     """The full bound of Eq. 5 in bits/dim over all T terms, one compiled scan.
 
     Returns per-example ``total_bpd`` [B], ``prior_bpd`` [B] (L_T), ``terms_bpd`` [B, T]
@@ -328,26 +368,36 @@ class GaussianDiffusion:
       model_output = model_fn(x_t, t)
       bpd, pred_xstart = self.vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised)
       pred_eps = self.predict_noise_from_start(x_t, t, pred_xstart)
-      return None, (bpd, mean_flat(jnp.square(pred_xstart - x_start)),
-                    mean_flat(jnp.square(pred_eps - noise)))
+      return None, (
+        bpd,
+        mean_flat(jnp.square(pred_xstart - x_start)),
+        mean_flat(jnp.square(pred_eps - noise)),
+      )
 
     timesteps = jnp.arange(self.num_timesteps - 1, -1, -1, dtype=jnp.int32)
     _, (terms, xstart_mse, mse) = jax.lax.scan(term, None, timesteps)
     # Scanned from t = T-1 down to 0; store column t at index t.
     terms, xstart_mse, mse = (jnp.flip(a, axis=0).T for a in (terms, xstart_mse, mse))
     prior = self.prior_bpd(x_start)
-    return dict(total_bpd=jnp.sum(terms, axis=1) + prior, prior_bpd=prior,
-                terms_bpd=terms, xstart_mse=xstart_mse, mse=mse)
+    return dict(
+      total_bpd=jnp.sum(terms, axis=1) + prior,
+      prior_bpd=prior,
+      terms_bpd=terms,
+      xstart_mse=xstart_mse,
+      mse=mse,
+    )
 
   def predict_noise_from_start(self, x_t: Array, t: Array, pred_xstart: Array) -> Array:
     """ε = (x_t / √ᾱ_t − x_0) / √(1/ᾱ_t − 1), inverting Eq. 4 for the noise."""
-    return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-            / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+    return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / _extract(
+      self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+    )
 
   # --------------------------------------------------------------------------- sampling
 
-  def p_sample(self, model_fn: ModelFn, x_t: Array, t: Array, rng: Array,
-               clip_denoised: bool = True) -> tuple[Array, Array]:
+  def p_sample(
+    self, model_fn: ModelFn, x_t: Array, t: Array, rng: Array, clip_denoised: bool = True
+  ) -> tuple[Array, Array]:
     """One step of Algorithm 2: x_{t-1} ~ p_θ(x_{t-1} | x_t), with no noise at t = 0."""
     out = self.p_mean_variance(model_fn(x_t, t), x_t, t, clip_denoised=clip_denoised)
     noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
@@ -355,9 +405,15 @@ class GaussianDiffusion:
     sample = out['mean'] + nonzero * jnp.exp(0.5 * out['log_variance']) * noise
     return sample, out['pred_xstart']
 
-  def p_sample_loop(self, model_fn: ModelFn, shape: tuple[int, ...], rng: Array, *,
-                    clip_denoised: bool = True, progress_every: int | None = None
-                    ) -> Array | tuple[Array, dict[str, Array]]:
+  def p_sample_loop(
+    self,
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    rng: Array,
+    *,
+    clip_denoised: bool = True,
+    progress_every: int | None = None,
+  ) -> Array | tuple[Array, dict[str, Array]]:
     """Algorithm 2: x_T ~ N(0, I), then T reverse steps in one ``lax.scan``; returns x_0.
 
     Traceable: wrap in ``jax.jit`` to get one compiled program. Step t draws its noise
@@ -369,14 +425,16 @@ class GaussianDiffusion:
     num_steps = self.num_timesteps
     k = progress_every or num_steps
     if num_steps % k:
-      raise ValueError(f'progress_every={progress_every} must divide the number of '
-                       f'timesteps {num_steps}.')
+      raise ValueError(
+        f'progress_every={progress_every} must divide the number of timesteps {num_steps}.'
+      )
     x_init = jax.random.normal(jax.random.fold_in(rng, num_steps), shape, jnp.float32)
 
     def step(x, t_scalar):
       t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
-      x, pred_xstart = self.p_sample(model_fn, x, t, jax.random.fold_in(rng, t_scalar),
-                                     clip_denoised)
+      x, pred_xstart = self.p_sample(
+        model_fn, x, t, jax.random.fold_in(rng, t_scalar), clip_denoised
+      )
       return x, pred_xstart
 
     def chunk(x, chunk_start):
@@ -388,4 +446,3 @@ class GaussianDiffusion:
     if progress_every is None:
       return x
     return x, dict(t=ts, x_t=xs, pred_xstart=pred_xstarts)
-

@@ -16,6 +16,7 @@ samples, the whole NLL split, a report folder) and the train loop (``make_in_loo
   of the eval stream draws its noise with ``fold_in(rng, i)``, so its bound does not depend on
   the device count or padding; padded rows (mask 0) are excluded and masked sums are psum'd.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,8 @@ import io
 import itertools
 import json
 import re
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,12 +36,18 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import digits_metric, fid, input_pipeline, sampling
-from diffusion_jax import train  # used at call time only: train.py may import this module
+from diffusion_jax import (
+  digits_metric,
+  fid,
+  input_pipeline,
+  sampling,
+  train,  # used at call time only: train.py may import this module
+)
 
 DATA_AXIS = sampling.DATA_AXIS
 METRICS = ('inception', 'digits')
@@ -47,15 +55,18 @@ NUM_IS_SPLITS = 10
 NUM_GRID_IMAGES = 64
 EVAL_SEED_OFFSET = 3  # train grids use seed + 1, --mode=sample seed + 2
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
-BpdFn = Callable[[Any, jax.Array, jax.Array, int, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+BpdFn = Callable[
+  [Any, jax.Array, jax.Array, int, jax.Array], tuple[jax.Array, dict[str, jax.Array]]
+]
 Scorer = Callable[[Iterable[jax.Array], int], dict[str, Any]]
 
 _INCEPTION_HELP = (
-    'eval.metrics="inception" needs the FID Inception weights, but config.eval.inception_path is not '
-    'set. Download pytorch-fid\'s {name} ({url}), convert it once where torch is installed with\n'
-    '  python -m diffusion_jax.fid --pytorch_fid_weights={name} --output=inception_fid.npz\n'
-    'and pass --config.eval.inception_path=inception_fid.npz (or use eval.metrics="digits" for '
-    'sklearn_digits). See docs/evaluation.md.')
+  'eval.metrics="inception" needs the FID Inception weights, but config.eval.inception_path is not '
+  "set. Download pytorch-fid's {name} ({url}), convert it once where torch is installed with\n"
+  '  python -m diffusion_jax.fid --pytorch_fid_weights={name} --output=inception_fid.npz\n'
+  'and pass --config.eval.inception_path=inception_fid.npz (or use eval.metrics="digits" for '
+  'sklearn_digits). See docs/evaluation.md.'
+)
 
 
 # ----------------------------------------------------------------------------- config
@@ -64,27 +75,35 @@ _INCEPTION_HELP = (
 def check_eval_config(config: ml_collections.ConfigDict) -> None:
   """Clear SetupErrors for eval settings that cannot run, before anything expensive is built."""
   if 'eval' not in config:
-    raise train.SetupError('The config has no `eval` section; add the eval.* fields of '
-                           'configs/default.py (see docs/evaluation.md).')
+    raise train.SetupError(
+      'The config has no `eval` section; add the eval.* fields of '
+      'configs/default.py (see docs/evaluation.md).'
+    )
   ev = config.eval
   if ev.metrics not in METRICS:
     raise train.SetupError(f'Unknown eval.metrics {ev.metrics!r}; choose one of {METRICS}.')
   if ev.metrics == 'digits' and config.dataset.name.split(':')[0] != digits_metric.DATASET_NAME:
-    raise train.SetupError(f'eval.metrics="digits" scores only {digits_metric.DATASET_NAME!r}, but '
-                           f'dataset.name is {config.dataset.name!r}; use eval.metrics="inception".')
+    raise train.SetupError(
+      f'eval.metrics="digits" scores only {digits_metric.DATASET_NAME!r}, but '
+      f'dataset.name is {config.dataset.name!r}; use eval.metrics="inception".'
+    )
   if ev.metrics == 'inception' and not ev.inception_path:
-    raise train.SetupError(_INCEPTION_HELP.format(name=fid.PYTORCH_FID_WEIGHTS,
-                                                  url=fid.PYTORCH_FID_WEIGHTS_URL))
+    raise train.SetupError(
+      _INCEPTION_HELP.format(name=fid.PYTORCH_FID_WEIGHTS, url=fid.PYTORCH_FID_WEIGHTS_URL)
+    )
   minimum = NUM_IS_SPLITS if ev.metrics == 'inception' else 2
   for name in ('num_samples', 'in_loop_num_samples'):
     if ev[name] < minimum:
-      raise train.SetupError(f'eval.{name}={ev[name]} is too small: {ev.metrics} metrics need at '
-                             f'least {minimum} samples.')
+      raise train.SetupError(
+        f'eval.{name}={ev[name]} is too small: {ev.metrics} metrics need at '
+        f'least {minimum} samples.'
+      )
   if ev.batch_size < 1:
     raise train.SetupError(f'eval.batch_size must be >= 1, got {ev.batch_size}.')
   if ev.nll_num_examples is not None and ev.nll_num_examples < 1:
-    raise train.SetupError(f'eval.nll_num_examples must be None (the whole split) or >= 1, got '
-                           f'{ev.nll_num_examples}.')
+    raise train.SetupError(
+      f'eval.nll_num_examples must be None (the whole split) or >= 1, got {ev.nll_num_examples}.'
+    )
 
 
 def nll_split(config: ml_collections.ConfigDict) -> str:
@@ -106,8 +125,9 @@ def global_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
 # ----------------------------------------------------------------------------- samples
 
 
-def sample_chunks(sample_fn: Callable[[Any, jax.Array], jax.Array], params: Any, rng: jax.Array,
-                  num_chunks: int) -> Iterator[jax.Array]:
+def sample_chunks(
+  sample_fn: Callable[[Any, jax.Array], jax.Array], params: Any, rng: jax.Array, num_chunks: int
+) -> Iterator[jax.Array]:
   """Yields ``num_chunks`` sharded sample arrays in [-1, 1], chunk c drawn with ``fold_in(rng, c)``."""
   for c in range(num_chunks):
     yield sample_fn(params, jax.random.fold_in(rng, c))
@@ -133,7 +153,9 @@ def _gather(x: jax.Array) -> np.ndarray:
 def _global_arrays(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """This process's rows → global arrays sharded on the leading axis over ``mesh``."""
   sharding = NamedSharding(mesh, P(DATA_AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+  }
 
 
 def _host_value(x: jax.Array) -> np.ndarray:
@@ -160,8 +182,11 @@ def make_inception_fn(mesh: Mesh) -> Callable[[Any, jax.Array], tuple[jax.Array,
     pool3, logits = fid.inception_outputs(params, inception_input(images))
     return pool3, logits - params['fc']['bias']
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                               out_specs=(P(DATA_AXIS), P(DATA_AXIS))))
+  return jax.jit(
+    jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(DATA_AXIS), P(DATA_AXIS))
+    )
+  )
 
 
 def _slug(name: str) -> str:
@@ -169,8 +194,9 @@ def _slug(name: str) -> str:
   return re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')
 
 
-def reference_stats_path(cache_dir: epath.PathLike, config: ml_collections.ConfigDict, split: str,
-                         count: int) -> epath.Path:
+def reference_stats_path(
+  cache_dir: epath.PathLike, config: ml_collections.ConfigDict, split: str, count: int
+) -> epath.Path:
   """``<cache_dir>/<dataset>_<size>px_<split>_<count>.npz``, e.g. ``cifar10_32px_train_50000.npz``."""
   name = f'{_slug(config.dataset.name)}_{config.dataset.image_size}px_{_slug(split)}_{count}.npz'
   return epath.Path(cache_dir) / name
@@ -189,9 +215,15 @@ def _write_bytes_atomic(path: epath.Path, data: bytes) -> None:
   tmp.replace(path)
 
 
-def inception_reference_stats(config: ml_collections.ConfigDict, inception_fn: Callable,
-                              inception_params: Any, mesh: Mesh, *, split: str,
-                              cache_dir: epath.PathLike) -> tuple[np.ndarray, np.ndarray, int]:
+def inception_reference_stats(
+  config: ml_collections.ConfigDict,
+  inception_fn: Callable,
+  inception_params: Any,
+  mesh: Mesh,
+  *,
+  split: str,
+  cache_dir: epath.PathLike,
+) -> tuple[np.ndarray, np.ndarray, int]:
   """(mu, sigma, count) of the pool3 features of a TFDS split, cached (``fid.save_stats``'s format)."""
   count = input_pipeline.get_builder(config).info.splits[split].num_examples
   path = reference_stats_path(cache_dir, config, split, count)
@@ -199,11 +231,17 @@ def inception_reference_stats(config: ml_collections.ConfigDict, inception_fn: C
     with np.load(io.BytesIO(path.read_bytes())) as f:
       logging.info('FID reference statistics from %s.', path)
       return np.asarray(f['mu'], np.float64), np.asarray(f['sigma'], np.float64), count
-  logging.info('Computing FID reference statistics of %s[%s] (%d images) into %s.',
-               config.dataset.name, split, count, path)
+  logging.info(
+    'Computing FID reference statistics of %s[%s] (%d images) into %s.',
+    config.dataset.name,
+    split,
+    count,
+    path,
+  )
   stats = fid.FeatureStats(fid.POOL3_DIM)
-  batches, _ = input_pipeline.create_eval_dataset(config, split,
-                                                  batch_size=global_batch_size(config, mesh))
+  batches, _ = input_pipeline.create_eval_dataset(
+    config, split, batch_size=global_batch_size(config, mesh)
+  )
   for local in batches:
     batch = _global_arrays(mesh, local)
     pool3 = _gather(inception_fn(inception_params, batch['image'])[0])
@@ -216,8 +254,13 @@ def inception_reference_stats(config: ml_collections.ConfigDict, inception_fn: C
   return mu, sigma, count
 
 
-def inception_metrics(inception_fn: Callable, inception_params: Any, chunks: Iterable[jax.Array],
-                      num_samples: int, reference: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+def inception_metrics(
+  inception_fn: Callable,
+  inception_params: Any,
+  chunks: Iterable[jax.Array],
+  num_samples: int,
+  reference: tuple[np.ndarray, np.ndarray],
+) -> dict[str, float]:
   """FID against ``reference`` (mu, sigma) and IS (10 splits) of the first ``num_samples`` samples."""
   stats, logits = fid.FeatureStats(fid.POOL3_DIM), []
   outputs = (inception_fn(inception_params, samples) for samples in chunks)
@@ -225,43 +268,57 @@ def inception_metrics(inception_fn: Callable, inception_params: Any, chunks: Ite
     stats.update(pool3)
     logits.append(chunk_logits)
   is_mean, is_std = fid.inception_score(np.concatenate(logits), NUM_IS_SPLITS)
-  return {'fid': fid.frechet_distance(*stats.mean_cov(), *reference), 'is': is_mean,
-          'is_std': is_std}
+  return {
+    'fid': fid.frechet_distance(*stats.mean_cov(), *reference),
+    'is': is_mean,
+    'is_std': is_std,
+  }
 
 
 # ----------------------------------------------------------------------------- digits
 
 
-def digits_sample_metrics(classifier: digits_metric.DigitsClassifier,
-                          reference: tuple[np.ndarray, np.ndarray], chunks: Iterable[jax.Array],
-                          num_samples: int) -> dict[str, Any]:
+def digits_sample_metrics(
+  classifier: digits_metric.DigitsClassifier,
+  reference: tuple[np.ndarray, np.ndarray],
+  chunks: Iterable[jax.Array],
+  num_samples: int,
+) -> dict[str, Any]:
   """Digits FD to the real reference, confident fraction and class balance of ``num_samples``."""
   images = np.concatenate([sampling.to_uint8(rows) for rows in gathered_rows(chunks, num_samples)])
   m = digits_metric.digits_metrics(classifier, images, reference)
-  return {'digits_fd': m['fd'], 'digits_confident_fraction': m['confident_fraction'],
-          'digits_min_class_fraction': m['min_class_fraction'],
-          'digits_max_class_fraction': m['max_class_fraction'],
-          'digits_class_histogram': m['class_histogram']}
+  return {
+    'digits_fd': m['fd'],
+    'digits_confident_fraction': m['confident_fraction'],
+    'digits_min_class_fraction': m['min_class_fraction'],
+    'digits_max_class_fraction': m['max_class_fraction'],
+    'digits_class_histogram': m['class_histogram'],
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleScorer:
   """Scores sample chunks with loaded weights and reference statistics; says which reference."""
+
   score: Scorer
   reference_split: str
   reference_count: int
 
 
-def make_scorer(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh) -> SampleScorer:
+def make_scorer(
+  config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh
+) -> SampleScorer:
   """Loads the metric's network and reference statistics (computed once and cached)."""
   ev, split = config.eval, config.eval.reference_split
   if ev.metrics == 'digits':
     classifier = digits_metric.load_or_train_classifier(config, cache_dir=ev.reference_dir)
-    reference = digits_metric.reference_stats(config, split, classifier=classifier,
-                                              cache_dir=ev.reference_dir)
+    reference = digits_metric.reference_stats(
+      config, split, classifier=classifier, cache_dir=ev.reference_dir
+    )
     count = input_pipeline.get_builder(config).info.splits[split].num_examples
-    return SampleScorer(lambda chunks, n: digits_sample_metrics(classifier, reference, chunks, n),
-                        split, count)
+    return SampleScorer(
+      lambda chunks, n: digits_sample_metrics(classifier, reference, chunks, n), split, count
+    )
   try:
     params = fid.load_params(ev.inception_path)
   except FileNotFoundError as e:
@@ -269,10 +326,12 @@ def make_scorer(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh
   params = jax.device_put(params, NamedSharding(mesh, P()))  # once, not per call
   inception_fn = make_inception_fn(mesh)
   cache_dir = ev.reference_dir or epath.Path(workdir) / 'fid_stats'
-  mu, sigma, count = inception_reference_stats(config, inception_fn, params, mesh, split=split,
-                                               cache_dir=cache_dir)
-  return SampleScorer(lambda chunks, n: inception_metrics(inception_fn, params, chunks, n, (mu, sigma)),
-                      split, count)
+  mu, sigma, count = inception_reference_stats(
+    config, inception_fn, params, mesh, split=split, cache_dir=cache_dir
+  )
+  return SampleScorer(
+    lambda chunks, n: inception_metrics(inception_fn, params, chunks, n, (mu, sigma)), split, count
+  )
 
 
 # ----------------------------------------------------------------------------- bits/dim
@@ -283,8 +342,9 @@ def flax_apply_fn(model: nn.Module) -> ApplyFn:
   return lambda params, x, t: model.apply({'params': params}, x, t, train=False)
 
 
-def make_bpd_fn(apply_fn: ApplyFn, diffusion: diffusion_lib.GaussianDiffusion, mesh: Mesh, *,
-                clip_denoised: bool) -> BpdFn:
+def make_bpd_fn(
+  apply_fn: ApplyFn, diffusion: diffusion_lib.GaussianDiffusion, mesh: Mesh, *, clip_denoised: bool
+) -> BpdFn:
   """Jitted ``bpd(params, images, mask, offset, rng) → (per-example total bits/dim, masked sums)``.
 
   ``images`` [B, ...] and ``mask`` [B] are sharded over ``mesh``; row r is example ``offset + r``
@@ -303,41 +363,62 @@ def make_bpd_fn(apply_fn: ApplyFn, diffusion: diffusion_lib.GaussianDiffusion, m
 
     out = jax.vmap(one_example)(images, index)
     keep = mask > 0
-    masked_sum = lambda a: jnp.sum(jnp.where(keep.reshape((n,) + (1,) * (a.ndim - 1)), a, 0.0), axis=0)
-    sums = dict(count=jnp.sum(keep.astype(jnp.float32)), total_bpd=masked_sum(out['total_bpd']),
-                prior_bpd=masked_sum(out['prior_bpd']), terms_bpd=masked_sum(out['terms_bpd']),
-                xstart_mse=masked_sum(out['xstart_mse']))
+    masked_sum = lambda a: jnp.sum(
+      jnp.where(keep.reshape((n,) + (1,) * (a.ndim - 1)), a, 0.0), axis=0
+    )
+    sums = dict(
+      count=jnp.sum(keep.astype(jnp.float32)),
+      total_bpd=masked_sum(out['total_bpd']),
+      prior_bpd=masked_sum(out['prior_bpd']),
+      terms_bpd=masked_sum(out['terms_bpd']),
+      xstart_mse=masked_sum(out['xstart_mse']),
+    )
     return out['total_bpd'], jax.lax.psum(sums, DATA_AXIS)
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh,
-                               in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
-                               out_specs=(P(DATA_AXIS), P())))
+  return jax.jit(
+    jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+      out_specs=(P(DATA_AXIS), P()),
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class NllResult:
   """The bound of Eq. 5 averaged over examples, in bits/dim; arrays are indexed by t = 0..T-1."""
+
   num_examples: int
   total_bpd: float
-  prior_bpd: float         # L_T
-  terms_bpd: np.ndarray    # L_t; t = 0 is the decoder L_0 (Eq. 13)
-  xstart_mse: np.ndarray   # mean (x̂_0 − x_0)² in [-1, 1] units, x̂_0 predicted from x_{t+1}
+  prior_bpd: float  # L_T
+  terms_bpd: np.ndarray  # L_t; t = 0 is the decoder L_0 (Eq. 13)
+  xstart_mse: np.ndarray  # mean (x̂_0 − x_0)² in [-1, 1] units, x̂_0 predicted from x_{t+1}
 
   def table(self) -> dict[str, np.ndarray]:
     """Per-t rows: the term L_t, the rate L_T + Σ_{s≥t} L_s (bits/dim sent once x_t is known) and the
     distortion then: RMSE on [0, 255] of x̂_0 predicted from x_t (0 at t = 0), as in Fig. 5."""
     rate = self.prior_bpd + np.cumsum(self.terms_bpd[::-1])[::-1]
     distortion = 127.5 * np.sqrt(np.concatenate([[0.0], self.xstart_mse[:-1]]))
-    return {'t': np.arange(len(self.terms_bpd)), 'term_bpd': self.terms_bpd,
-            'cumulative_rate_bpd': rate, 'distortion_rmse': distortion}
+    return {
+      't': np.arange(len(self.terms_bpd)),
+      'term_bpd': self.terms_bpd,
+      'cumulative_rate_bpd': rate,
+      'distortion_rmse': distortion,
+    }
 
   def summary(self) -> dict[str, float]:
     """bpd (the total), its prior L_T and decoder L_0 parts."""
-    return {'bpd': self.total_bpd, 'bpd_prior': self.prior_bpd, 'bpd_decoder': float(self.terms_bpd[0])}
+    return {
+      'bpd': self.total_bpd,
+      'bpd_prior': self.prior_bpd,
+      'bpd_decoder': float(self.terms_bpd[0]),
+    }
 
 
-def nll_bits_per_dim(bpd_fn: BpdFn, params: Any, batches: Iterable[dict[str, np.ndarray]],
-                     mesh: Mesh, rng: jax.Array) -> NllResult:
+def nll_bits_per_dim(
+  bpd_fn: BpdFn, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, rng: jax.Array
+) -> NllResult:
   """Mean bound over the mask-1 rows of this process's batches (``{'image', 'mask'}``, same count on
   every process); batch b's rows are examples ``b * global batch + r`` for the noise keys."""
   totals, offset = None, 0
@@ -350,9 +431,13 @@ def nll_bits_per_dim(bpd_fn: BpdFn, params: Any, batches: Iterable[dict[str, np.
   if totals is None or totals['count'] == 0:
     raise ValueError('nll_bits_per_dim got no examples (every batch empty or masked).')
   n = totals['count']
-  return NllResult(num_examples=int(n), total_bpd=float(totals['total_bpd'] / n),
-                   prior_bpd=float(totals['prior_bpd'] / n), terms_bpd=totals['terms_bpd'] / n,
-                   xstart_mse=totals['xstart_mse'] / n)
+  return NllResult(
+    num_examples=int(n),
+    total_bpd=float(totals['total_bpd'] / n),
+    prior_bpd=float(totals['prior_bpd'] / n),
+    terms_bpd=totals['terms_bpd'] / n,
+    xstart_mse=totals['xstart_mse'] / n,
+  )
 
 
 def write_nll_csv(path: epath.PathLike, result: NllResult) -> None:
@@ -375,8 +460,11 @@ def plot_nll(path: epath.PathLike, result: NllResult) -> None:
   ax.set(yscale='log', xlabel='t', ylabel='bits/dim', title='Bound terms $L_t$ ($L_0$: decoder)')
   ax = fig.add_subplot(1, 3, 2)
   ax.plot(num_steps - table['t'], table['cumulative_rate_bpd'])
-  ax.set(xlabel='reverse process steps (T - t)', ylabel='rate (bits/dim)',
-         title=f'Rate $L_T + \\sum_{{s \\geq t}} L_s$ (total {result.total_bpd:.3f})')
+  ax.set(
+    xlabel='reverse process steps (T - t)',
+    ylabel='rate (bits/dim)',
+    title=f'Rate $L_T + \\sum_{{s \\geq t}} L_s$ (total {result.total_bpd:.3f})',
+  )
   ax = fig.add_subplot(1, 3, 3)
   ax.plot(table['cumulative_rate_bpd'], table['distortion_rmse'])
   ax.set(xlabel='rate (bits/dim)', ylabel='distortion (RMSE, [0, 255])', title='Rate-distortion')
@@ -393,6 +481,7 @@ def plot_nll(path: epath.PathLike, result: NllResult) -> None:
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
   """Sample metrics, bits/dim (if computed) and the first samples (if asked for)."""
+
   metrics: dict[str, Any]
   nll: NllResult | None
   grid: np.ndarray | None  # uint8 [n, H, W, C], the first samples
@@ -406,6 +495,7 @@ class EvalResult:
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
   """Compiled functions and loaded references of one eval setting; call it with EMA params."""
+
   config: ml_collections.ConfigDict
   mesh: Mesh
   sample_fn: Callable[[Any, jax.Array], jax.Array]
@@ -421,8 +511,9 @@ class Evaluator:
     The keys are fixed by ``config.seed``, so in-loop evaluations at different steps share their noise.
     """
     rng = jax.random.PRNGKey(self.config.seed + EVAL_SEED_OFFSET)
-    chunks = sample_chunks(self.sample_fn, params, jax.random.fold_in(rng, 0),
-                           -(-self.num_samples // self.chunk_size))
+    chunks = sample_chunks(
+      self.sample_fn, params, jax.random.fold_in(rng, 0), -(-self.num_samples // self.chunk_size)
+    )
     grid = None
     if num_grid:  # gathers the whole first chunk once
       first = next(chunks)
@@ -432,37 +523,68 @@ class Evaluator:
     nll = None
     if self.bpd_fn is not None:
       batches, _ = input_pipeline.create_eval_dataset(
-          self.config, self.nll_split, batch_size=global_batch_size(self.config, self.mesh))
+        self.config, self.nll_split, batch_size=global_batch_size(self.config, self.mesh)
+      )
       nll = nll_bits_per_dim(self.bpd_fn, params, batches, self.mesh, jax.random.fold_in(rng, 1))
     return EvalResult(metrics=metrics, nll=nll, grid=grid)
 
 
-def build_evaluator(config: ml_collections.ConfigDict, workdir: epath.PathLike, model: nn.Module,
-                    diffusion: diffusion_lib.GaussianDiffusion, mesh: Mesh, *, num_samples: int,
-                    nll_split: str | None) -> Evaluator:
+def build_evaluator(
+  config: ml_collections.ConfigDict,
+  workdir: epath.PathLike,
+  model: nn.Module,
+  diffusion: diffusion_lib.GaussianDiffusion,
+  mesh: Mesh,
+  *,
+  num_samples: int,
+  nll_split: str | None,
+) -> Evaluator:
   """An Evaluator of ``num_samples`` samples and, unless ``nll_split`` is None, bits/dim on it."""
   check_eval_config(config)
   chunk_size = min(global_batch_size(config, mesh), _round_up(num_samples, mesh.devices.size))
-  sample_fn = sampling.make_sample_fn(model, diffusion, mesh, image_shape=train.image_shape(config),
-                                      num_samples=chunk_size,
-                                      clip_denoised=config.train.clip_denoised)
+  sample_fn = sampling.make_sample_fn(
+    model,
+    diffusion,
+    mesh,
+    image_shape=train.image_shape(config),
+    num_samples=chunk_size,
+    clip_denoised=config.train.clip_denoised,
+  )
   bpd_fn = None
   if nll_split is not None:
-    bpd_fn = make_bpd_fn(flax_apply_fn(model), diffusion, mesh,
-                         clip_denoised=config.train.clip_denoised)
-  return Evaluator(config=config, mesh=mesh, sample_fn=sample_fn, chunk_size=chunk_size,
-                   num_samples=num_samples, scorer=make_scorer(config, workdir, mesh),
-                   bpd_fn=bpd_fn, nll_split=nll_split)
+    bpd_fn = make_bpd_fn(
+      flax_apply_fn(model), diffusion, mesh, clip_denoised=config.train.clip_denoised
+    )
+  return Evaluator(
+    config=config,
+    mesh=mesh,
+    sample_fn=sample_fn,
+    chunk_size=chunk_size,
+    num_samples=num_samples,
+    scorer=make_scorer(config, workdir, mesh),
+    bpd_fn=bpd_fn,
+    nll_split=nll_split,
+  )
 
 
-def make_in_loop_evaluator(config: ml_collections.ConfigDict, workdir: epath.PathLike,
-                           model: nn.Module, diffusion: diffusion_lib.GaussianDiffusion, mesh: Mesh
-                           ) -> Callable[[int, Any, metric_writers.MetricWriter], dict[str, float]]:
+def make_in_loop_evaluator(
+  config: ml_collections.ConfigDict,
+  workdir: epath.PathLike,
+  model: nn.Module,
+  diffusion: diffusion_lib.GaussianDiffusion,
+  mesh: Mesh,
+) -> Callable[[int, Any, metric_writers.MetricWriter], dict[str, float]]:
   """``evaluate(step, ema_params, writer) → scalars`` for the train loop: ``eval.in_loop_num_samples``
   samples, bits/dim only if ``eval.nll_num_examples`` is set. Loads/computes references now."""
   evaluator = build_evaluator(
-      config, workdir, model, diffusion, mesh, num_samples=config.eval.in_loop_num_samples,
-      nll_split=nll_split(config) if config.eval.nll_num_examples else None)
+    config,
+    workdir,
+    model,
+    diffusion,
+    mesh,
+    num_samples=config.eval.in_loop_num_samples,
+    nll_split=nll_split(config) if config.eval.nll_num_examples else None,
+  )
 
   def evaluate(step: int, ema_params: Any, writer: metric_writers.MetricWriter) -> dict[str, float]:
     scalars = evaluator(ema_params).scalars()
@@ -472,8 +594,9 @@ def make_in_loop_evaluator(config: ml_collections.ConfigDict, workdir: epath.Pat
   return evaluate
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
-                        config_name: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, *, config_name: str | None = None
+) -> dict[str, Any]:
   """``--mode=eval``: the latest checkpoint's EMA params → ``workdir/eval/step_<N>/`` (report.json,
   samples.png, nll_terms.csv, nll_terms.png) and ``eval/*`` scalars; returns the report."""
   check_eval_config(config)
@@ -483,16 +606,27 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   state = train.restore_latest(config, workdir, model, mesh)
   step = int(state.step)
-  evaluator = build_evaluator(config, workdir, model, diffusion, mesh,
-                              num_samples=config.eval.num_samples, nll_split=nll_split(config))
+  evaluator = build_evaluator(
+    config,
+    workdir,
+    model,
+    diffusion,
+    mesh,
+    num_samples=config.eval.num_samples,
+    nll_split=nll_split(config),
+  )
   result = evaluator(state.ema_params, num_grid=NUM_GRID_IMAGES)
   report = {
-      'config': config_name or config.dataset.name, 'dataset': config.dataset.name, 'step': step,
-      'metrics_kind': config.eval.metrics, 'num_samples': config.eval.num_samples,
-      'reference_split': evaluator.scorer.reference_split,
-      'reference_count': evaluator.scorer.reference_count,
-      'nll_split': evaluator.nll_split, 'nll_num_examples': result.nll.num_examples,
-      'metrics': {**result.metrics, **result.nll.summary()},
+    'config': config_name or config.dataset.name,
+    'dataset': config.dataset.name,
+    'step': step,
+    'metrics_kind': config.eval.metrics,
+    'num_samples': config.eval.num_samples,
+    'reference_split': evaluator.scorer.reference_split,
+    'reference_count': evaluator.scorer.reference_count,
+    'nll_split': evaluator.nll_split,
+    'nll_num_examples': result.nll.num_examples,
+    'metrics': {**result.metrics, **result.nll.summary()},
   }
   out_dir = workdir / 'eval' / f'step_{step}'
   if jax.process_index() == 0:

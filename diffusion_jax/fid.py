@@ -19,6 +19,7 @@ Weights: convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth once (needs 
     python -m diffusion_jax.fid --pytorch_fid_weights=pt_inception-2015-12-05-6726825d.pth \
         --output=inception_fid.npz
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,176 +43,205 @@ POOL3_DIM = 2048
 NUM_LOGITS = 1008
 PYTORCH_FID_WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
 PYTORCH_FID_WEIGHTS_URL = (
-    'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + PYTORCH_FID_WEIGHTS)
-_HIGHEST = jax.lax.Precision.HIGHEST  # keeps TPU convs/matmuls in f32, as the reference network computes
+  'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + PYTORCH_FID_WEIGHTS
+)
+_HIGHEST = (
+  jax.lax.Precision.HIGHEST
+)  # keeps TPU convs/matmuls in f32, as the reference network computes
 
 
 # ----------------------------------------------------------------------------------------------- network
 
 
 class FrozenBatchNorm(nn.Module):
-    """Inference-mode BatchNorm whose running statistics are plain params."""
-    eps: float = 1e-3
+  """Inference-mode BatchNorm whose running statistics are plain params."""
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param('scale', nn.initializers.ones, (c,))
-        bias = self.param('bias', nn.initializers.zeros, (c,))
-        mean = self.param('mean', nn.initializers.zeros, (c,))
-        var = self.param('var', nn.initializers.ones, (c,))
-        inv = scale * jax.lax.rsqrt(var + self.eps)
-        return x * inv + (bias - mean * inv)
+  eps: float = 1e-3
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,))
+    bias = self.param('bias', nn.initializers.zeros, (c,))
+    mean = self.param('mean', nn.initializers.zeros, (c,))
+    var = self.param('var', nn.initializers.ones, (c,))
+    inv = scale * jax.lax.rsqrt(var + self.eps)
+    return x * inv + (bias - mean * inv)
 
 
 class BasicConv(nn.Module):
-    """torchvision's BasicConv2d: bias-free conv, BatchNorm, ReLU."""
-    features: int
-    kernel: tuple[int, int] = (1, 1)
-    stride: int = 1
-    padding: tuple[int, int] = (0, 0)
+  """torchvision's BasicConv2d: bias-free conv, BatchNorm, ReLU."""
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        ph, pw = self.padding
-        x = nn.Conv(self.features, self.kernel, strides=self.stride, padding=((ph, ph), (pw, pw)),
-                    use_bias=False, precision=_HIGHEST, name='conv')(x)
-        return nn.relu(FrozenBatchNorm(name='bn')(x))
+  features: int
+  kernel: tuple[int, int] = (1, 1)
+  stride: int = 1
+  padding: tuple[int, int] = (0, 0)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ph, pw = self.padding
+    x = nn.Conv(
+      self.features,
+      self.kernel,
+      strides=self.stride,
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      precision=_HIGHEST,
+      name='conv',
+    )(x)
+    return nn.relu(FrozenBatchNorm(name='bn')(x))
 
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
-    """3x3 stride-1 average pool over the unpadded window (TF's, i.e. count_include_pad=False)."""
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+  """3x3 stride-1 average pool over the unpadded window (TF's, i.e. count_include_pad=False)."""
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _max_pool_3x3(x: jax.Array) -> jax.Array:
-    """3x3 stride-1 max pool with 1-pixel padding that never wins (FIDInceptionE_2's pool branch)."""
-    return nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
+  """3x3 stride-1 max pool with 1-pixel padding that never wins (FIDInceptionE_2's pool branch)."""
+  return nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
 
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """3x3 stride-2 unpadded max pool."""
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+  """3x3 stride-2 unpadded max pool."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
 
 
 class InceptionA(nn.Module):
-    """FIDInceptionA (Mixed_5b/5c/5d)."""
-    pool_features: int
+  """FIDInceptionA (Mixed_5b/5c/5d)."""
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b1 = BasicConv(64, name='branch1x1')(x)
-        b5 = BasicConv(48, name='branch5x5_1')(x)
-        b5 = BasicConv(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
-        b3 = BasicConv(64, name='branch3x3dbl_1')(x)
-        b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(b3)
-        b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_3')(b3)
-        bp = BasicConv(self.pool_features, name='branch_pool')(_avg_pool_3x3(x))
-        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+  pool_features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b1 = BasicConv(64, name='branch1x1')(x)
+    b5 = BasicConv(48, name='branch5x5_1')(x)
+    b5 = BasicConv(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
+    b3 = BasicConv(64, name='branch3x3dbl_1')(x)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(b3)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_3')(b3)
+    bp = BasicConv(self.pool_features, name='branch_pool')(_avg_pool_3x3(x))
+    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
 class InceptionB(nn.Module):
-    """InceptionB (Mixed_6a), grid reduction 35 -> 17."""
+  """InceptionB (Mixed_6a), grid reduction 35 -> 17."""
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b3 = BasicConv(384, (3, 3), stride=2, name='branch3x3')(x)
-        bd = BasicConv(64, name='branch3x3dbl_1')(x)
-        bd = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
-        bd = BasicConv(96, (3, 3), stride=2, name='branch3x3dbl_3')(bd)
-        return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b3 = BasicConv(384, (3, 3), stride=2, name='branch3x3')(x)
+    bd = BasicConv(64, name='branch3x3dbl_1')(x)
+    bd = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+    bd = BasicConv(96, (3, 3), stride=2, name='branch3x3dbl_3')(bd)
+    return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
 
 
 class InceptionC(nn.Module):
-    """FIDInceptionC (Mixed_6b..6e) with factorized 7x7 convs."""
-    channels_7x7: int
+  """FIDInceptionC (Mixed_6b..6e) with factorized 7x7 convs."""
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c7 = self.channels_7x7
-        b1 = BasicConv(192, name='branch1x1')(x)
-        b7 = BasicConv(c7, name='branch7x7_1')(x)
-        b7 = BasicConv(c7, (1, 7), padding=(0, 3), name='branch7x7_2')(b7)
-        b7 = BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7_3')(b7)
-        bd = BasicConv(c7, name='branch7x7dbl_1')(x)
-        bd = BasicConv(c7, (7, 1), padding=(3, 0), name='branch7x7dbl_2')(bd)
-        bd = BasicConv(c7, (1, 7), padding=(0, 3), name='branch7x7dbl_3')(bd)
-        bd = BasicConv(c7, (7, 1), padding=(3, 0), name='branch7x7dbl_4')(bd)
-        bd = BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7dbl_5')(bd)
-        bp = BasicConv(192, name='branch_pool')(_avg_pool_3x3(x))
-        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+  channels_7x7: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c7 = self.channels_7x7
+    b1 = BasicConv(192, name='branch1x1')(x)
+    b7 = BasicConv(c7, name='branch7x7_1')(x)
+    b7 = BasicConv(c7, (1, 7), padding=(0, 3), name='branch7x7_2')(b7)
+    b7 = BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7_3')(b7)
+    bd = BasicConv(c7, name='branch7x7dbl_1')(x)
+    bd = BasicConv(c7, (7, 1), padding=(3, 0), name='branch7x7dbl_2')(bd)
+    bd = BasicConv(c7, (1, 7), padding=(0, 3), name='branch7x7dbl_3')(bd)
+    bd = BasicConv(c7, (7, 1), padding=(3, 0), name='branch7x7dbl_4')(bd)
+    bd = BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7dbl_5')(bd)
+    bp = BasicConv(192, name='branch_pool')(_avg_pool_3x3(x))
+    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
 class InceptionD(nn.Module):
-    """InceptionD (Mixed_7a), grid reduction 17 -> 8."""
+  """InceptionD (Mixed_7a), grid reduction 17 -> 8."""
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b3 = BasicConv(192, name='branch3x3_1')(x)
-        b3 = BasicConv(320, (3, 3), stride=2, name='branch3x3_2')(b3)
-        b7 = BasicConv(192, name='branch7x7x3_1')(x)
-        b7 = BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7x3_2')(b7)
-        b7 = BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7x3_3')(b7)
-        b7 = BasicConv(192, (3, 3), stride=2, name='branch7x7x3_4')(b7)
-        return jnp.concatenate([b3, b7, _max_pool_3x3_s2(x)], axis=-1)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b3 = BasicConv(192, name='branch3x3_1')(x)
+    b3 = BasicConv(320, (3, 3), stride=2, name='branch3x3_2')(b3)
+    b7 = BasicConv(192, name='branch7x7x3_1')(x)
+    b7 = BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7x3_2')(b7)
+    b7 = BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7x3_3')(b7)
+    b7 = BasicConv(192, (3, 3), stride=2, name='branch7x7x3_4')(b7)
+    return jnp.concatenate([b3, b7, _max_pool_3x3_s2(x)], axis=-1)
 
 
 class InceptionE(nn.Module):
-    """FIDInceptionE_1 (Mixed_7b, average pool) or FIDInceptionE_2 (Mixed_7c, max pool)."""
-    max_pool: bool
+  """FIDInceptionE_1 (Mixed_7b, average pool) or FIDInceptionE_2 (Mixed_7c, max pool)."""
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b1 = BasicConv(320, name='branch1x1')(x)
-        b3 = BasicConv(384, name='branch3x3_1')(x)
-        b3 = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
-                              BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3)], axis=-1)
-        bd = BasicConv(448, name='branch3x3dbl_1')(x)
-        bd = BasicConv(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
-        bd = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
-                              BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd)], axis=-1)
-        pool = _max_pool_3x3 if self.max_pool else _avg_pool_3x3
-        bp = BasicConv(192, name='branch_pool')(pool(x))
-        return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+  max_pool: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b1 = BasicConv(320, name='branch1x1')(x)
+    b3 = BasicConv(384, name='branch3x3_1')(x)
+    b3 = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
+        BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3),
+      ],
+      axis=-1,
+    )
+    bd = BasicConv(448, name='branch3x3dbl_1')(x)
+    bd = BasicConv(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+    bd = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
+        BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd),
+      ],
+      axis=-1,
+    )
+    pool = _max_pool_3x3 if self.max_pool else _avg_pool_3x3
+    bp = BasicConv(192, name='branch_pool')(pool(x))
+    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
 def preprocess(images: jax.Array) -> jax.Array:
-    """Resizes NHWC [0, 1] images to 299x299 (torch bilinear, align_corners=False) and scales them to [-1, 1]."""
-    n, _, _, c = images.shape
-    x = jax.image.resize(images.astype(jnp.float32), (n, INCEPTION_SIZE, INCEPTION_SIZE, c),
-                         method='bilinear', antialias=False)
-    return 2.0 * x - 1.0
+  """Resizes NHWC [0, 1] images to 299x299 (torch bilinear, align_corners=False) and scales them to [-1, 1]."""
+  n, _, _, c = images.shape
+  x = jax.image.resize(
+    images.astype(jnp.float32),
+    (n, INCEPTION_SIZE, INCEPTION_SIZE, c),
+    method='bilinear',
+    antialias=False,
+  )
+  return 2.0 * x - 1.0
 
 
 class FIDInceptionV3(nn.Module):
-    """pytorch-fid's FID Inception-v3: NHWC [0, 1] images -> (pool3 (N, 2048), logits (N, 1008))."""
+  """pytorch-fid's FID Inception-v3: NHWC [0, 1] images -> (pool3 (N, 2048), logits (N, 1008))."""
 
-    @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f'expected NHWC RGB images of shape (N, H, W, 3), got {images.shape}')
-        x = preprocess(images)
-        x = BasicConv(32, (3, 3), stride=2, name='Conv2d_1a_3x3')(x)
-        x = BasicConv(32, (3, 3), name='Conv2d_2a_3x3')(x)
-        x = BasicConv(64, (3, 3), padding=(1, 1), name='Conv2d_2b_3x3')(x)
-        x = _max_pool_3x3_s2(x)
-        x = BasicConv(80, name='Conv2d_3b_1x1')(x)
-        x = BasicConv(192, (3, 3), name='Conv2d_4a_3x3')(x)
-        x = _max_pool_3x3_s2(x)
-        x = InceptionA(32, name='Mixed_5b')(x)
-        x = InceptionA(64, name='Mixed_5c')(x)
-        x = InceptionA(64, name='Mixed_5d')(x)
-        x = InceptionB(name='Mixed_6a')(x)
-        x = InceptionC(128, name='Mixed_6b')(x)
-        x = InceptionC(160, name='Mixed_6c')(x)
-        x = InceptionC(160, name='Mixed_6d')(x)
-        x = InceptionC(192, name='Mixed_6e')(x)
-        x = InceptionD(name='Mixed_7a')(x)
-        x = InceptionE(max_pool=False, name='Mixed_7b')(x)
-        x = InceptionE(max_pool=True, name='Mixed_7c')(x)
-        pool3 = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(NUM_LOGITS, precision=_HIGHEST, name='fc')(pool3)
-        return pool3, logits
+  @nn.compact
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'expected NHWC RGB images of shape (N, H, W, 3), got {images.shape}')
+    x = preprocess(images)
+    x = BasicConv(32, (3, 3), stride=2, name='Conv2d_1a_3x3')(x)
+    x = BasicConv(32, (3, 3), name='Conv2d_2a_3x3')(x)
+    x = BasicConv(64, (3, 3), padding=(1, 1), name='Conv2d_2b_3x3')(x)
+    x = _max_pool_3x3_s2(x)
+    x = BasicConv(80, name='Conv2d_3b_1x1')(x)
+    x = BasicConv(192, (3, 3), name='Conv2d_4a_3x3')(x)
+    x = _max_pool_3x3_s2(x)
+    x = InceptionA(32, name='Mixed_5b')(x)
+    x = InceptionA(64, name='Mixed_5c')(x)
+    x = InceptionA(64, name='Mixed_5d')(x)
+    x = InceptionB(name='Mixed_6a')(x)
+    x = InceptionC(128, name='Mixed_6b')(x)
+    x = InceptionC(160, name='Mixed_6c')(x)
+    x = InceptionC(160, name='Mixed_6d')(x)
+    x = InceptionC(192, name='Mixed_6e')(x)
+    x = InceptionD(name='Mixed_7a')(x)
+    x = InceptionE(max_pool=False, name='Mixed_7b')(x)
+    x = InceptionE(max_pool=True, name='Mixed_7c')(x)
+    pool3 = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(NUM_LOGITS, precision=_HIGHEST, name='fc')(pool3)
+    return pool3, logits
 
 
 _MODEL = FIDInceptionV3()
@@ -219,243 +249,296 @@ _MODEL = FIDInceptionV3()
 
 @jax.jit
 def inception_outputs(params: Params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Pool3 features (N, 2048) and logits (N, 1008) of NHWC [0, 1] images."""
-    return _MODEL.apply({'params': params}, images)
+  """Pool3 features (N, 2048) and logits (N, 1008) of NHWC [0, 1] images."""
+  return _MODEL.apply({'params': params}, images)
 
 
 @jax.jit
 def pool3_features(params: Params, images: jax.Array) -> jax.Array:
-    """Pool3 features (N, 2048) of NHWC [0, 1] images."""
-    return _MODEL.apply({'params': params}, images)[0]
+  """Pool3 features (N, 2048) of NHWC [0, 1] images."""
+  return _MODEL.apply({'params': params}, images)[0]
 
 
-def batched_outputs(params: Params, images: np.ndarray, batch_size: int = 100
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (pool3, logits) as numpy per batch of `batch_size` images; the last batch is padded, then trimmed."""
-    params = jax.device_put(params)  # once, not per batch
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start:start + batch_size], np.float32)
-        n = len(batch)
-        if n < batch_size:  # one compiled shape for every batch
-            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.float32)])
-        pool3, logits = jax.device_get(inception_outputs(params, batch))
-        yield pool3[:n], logits[:n]
+def batched_outputs(
+  params: Params, images: np.ndarray, batch_size: int = 100
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (pool3, logits) as numpy per batch of `batch_size` images; the last batch is padded, then trimmed."""
+  params = jax.device_put(params)  # once, not per batch
+  for start in range(0, len(images), batch_size):
+    batch = np.asarray(images[start : start + batch_size], np.float32)
+    n = len(batch)
+    if n < batch_size:  # one compiled shape for every batch
+      batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.float32)])
+    pool3, logits = jax.device_get(inception_outputs(params, batch))
+    yield pool3[:n], logits[:n]
 
 
 # --------------------------------------------------------------------------------------------- weights
 
-_TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-               'var': 'running_var'}
+_TORCH_LEAF = {
+  'kernel': 'weight',
+  'scale': 'weight',
+  'bias': 'bias',
+  'mean': 'running_mean',
+  'var': 'running_var',
+}
 _WEIGHTS_HELP = (
-    'no FID Inception weights at {path!r}. Download pytorch-fid\'s {name} (GitHub release "fid_weights" of '
-    'mseitzer/pytorch-fid: {url}) and convert it once, where torch is installed, with: '
-    'python -m diffusion_jax.fid --pytorch_fid_weights={name} --output={path}')
+  'no FID Inception weights at {path!r}. Download pytorch-fid\'s {name} (GitHub release "fid_weights" of '
+  'mseitzer/pytorch-fid: {url}) and convert it once, where torch is installed, with: '
+  'python -m diffusion_jax.fid --pytorch_fid_weights={name} --output={path}'
+)
 
 
 @functools.cache
 def param_shapes() -> dict[str, tuple[int, ...]]:
-    """'/'-joined Flax param name -> shape, for every param of the FID Inception."""
-    images = jax.ShapeDtypeStruct((1, INCEPTION_SIZE, INCEPTION_SIZE, 3), jnp.float32)
-    abstract = jax.eval_shape(_MODEL.init, jax.random.key(0), images)['params']
-    return {name: tuple(leaf.shape) for name, leaf in flatten_dict(abstract, sep='/').items()}
+  """'/'-joined Flax param name -> shape, for every param of the FID Inception."""
+  images = jax.ShapeDtypeStruct((1, INCEPTION_SIZE, INCEPTION_SIZE, 3), jnp.float32)
+  abstract = jax.eval_shape(_MODEL.init, jax.random.key(0), images)['params']
+  return {name: tuple(leaf.shape) for name, leaf in flatten_dict(abstract, sep='/').items()}
 
 
 def _torch_name(name: str) -> str:
-    """torchvision Inception3 state-dict key of a '/'-joined Flax param name."""
-    *path, leaf = name.split('/')
-    return '.'.join([*path, _TORCH_LEAF[leaf]])
+  """torchvision Inception3 state-dict key of a '/'-joined Flax param name."""
+  *path, leaf = name.split('/')
+  return '.'.join([*path, _TORCH_LEAF[leaf]])
 
 
 def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """torch layout of a Flax shape: HWIO conv kernel -> OIHW, (in, out) dense kernel -> (out, in)."""
-    if len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    return tuple(reversed(shape))
+  """torch layout of a Flax shape: HWIO conv kernel -> OIHW, (in, out) dense kernel -> (out, in)."""
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(reversed(shape))
 
 
 def _from_torch_layout(x: np.ndarray) -> np.ndarray:
-    """Flax layout of a torch tensor: OIHW -> HWIO, (out, in) -> (in, out), 1-D unchanged."""
-    return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T
+  """Flax layout of a torch tensor: OIHW -> HWIO, (out, in) -> (in, out), 1-D unchanged."""
+  return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T
 
 
-def _check_names_and_shapes(what: str, expected: Mapping[str, tuple[int, ...]],
-                            given: Mapping[str, tuple[int, ...]]) -> None:
-    """Raises a ValueError listing missing, unexpected and mis-shaped names of `given`."""
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
-    misshaped = sorted(f'{k} {given[k]} (want {expected[k]})' for k in expected.keys() & given.keys()
-                       if tuple(given[k]) != tuple(expected[k]))
-    if not (missing or unexpected or misshaped):
-        return
-    parts = [f'{len(names)} {kind}: {", ".join(names[:10])}{" ..." if len(names) > 10 else ""}'
-             for kind, names in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
-             if names]
-    raise ValueError(f'{what} does not match the FID Inception-v3 ({len(expected)} tensors expected); '
-                     + '; '.join(parts) + f'. Expected pytorch-fid\'s {PYTORCH_FID_WEIGHTS} naming '
-                     '(torchvision Inception3 without AuxLogits, 1008-way fc).')
+def _check_names_and_shapes(
+  what: str, expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]]
+) -> None:
+  """Raises a ValueError listing missing, unexpected and mis-shaped names of `given`."""
+  missing = sorted(expected.keys() - given.keys())
+  unexpected = sorted(given.keys() - expected.keys())
+  misshaped = sorted(
+    f'{k} {given[k]} (want {expected[k]})'
+    for k in expected.keys() & given.keys()
+    if tuple(given[k]) != tuple(expected[k])
+  )
+  if not (missing or unexpected or misshaped):
+    return
+  parts = [
+    f'{len(names)} {kind}: {", ".join(names[:10])}{" ..." if len(names) > 10 else ""}'
+    for kind, names in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
+    if names
+  ]
+  raise ValueError(
+    f'{what} does not match the FID Inception-v3 ({len(expected)} tensors expected); '
+    + '; '.join(parts)
+    + f". Expected pytorch-fid's {PYTORCH_FID_WEIGHTS} naming "
+    '(torchvision Inception3 without AuxLogits, 1008-way fc).'
+  )
 
 
 def params_from_pytorch_fid(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Flax params from pytorch-fid's FID Inception state dict (strict; `*.bn.num_batches_tracked` ignored)."""
-    expected = {_torch_name(name): shape for name, shape in param_shapes().items()}
-    given = {k: tuple(np.shape(v)) for k, v in state_dict.items()
-             if not (k.endswith('.bn.num_batches_tracked')
-                     and k.replace('num_batches_tracked', 'running_mean') in expected)}
-    _check_names_and_shapes('pytorch-fid state dict', {k: _torch_shape(s) for k, s in expected.items()}, given)
-    flat = {name: _from_torch_layout(np.asarray(state_dict[_torch_name(name)], np.float32))
-            for name in param_shapes()}
-    return unflatten_dict(flat, sep='/')
+  """Flax params from pytorch-fid's FID Inception state dict (strict; `*.bn.num_batches_tracked` ignored)."""
+  expected = {_torch_name(name): shape for name, shape in param_shapes().items()}
+  given = {
+    k: tuple(np.shape(v))
+    for k, v in state_dict.items()
+    if not (
+      k.endswith('.bn.num_batches_tracked')
+      and k.replace('num_batches_tracked', 'running_mean') in expected
+    )
+  }
+  _check_names_and_shapes(
+    'pytorch-fid state dict', {k: _torch_shape(s) for k, s in expected.items()}, given
+  )
+  flat = {
+    name: _from_torch_layout(np.asarray(state_dict[_torch_name(name)], np.float32))
+    for name in param_shapes()
+  }
+  return unflatten_dict(flat, sep='/')
 
 
 def save_params(path: str | os.PathLike, params: Params) -> None:
-    """Writes params to a flat .npz with '/'-joined keys."""
-    flat = {name: np.asarray(value) for name, value in flatten_dict(params, sep='/').items()}
-    with open(path, 'wb') as f:
-        np.savez(f, **flat)
+  """Writes params to a flat .npz with '/'-joined keys."""
+  flat = {name: np.asarray(value) for name, value in flatten_dict(params, sep='/').items()}
+  with open(path, 'wb') as f:
+    np.savez(f, **flat)
 
 
 def load_params(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads and checks FID Inception params written by `save_params`."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(_WEIGHTS_HELP.format(path=str(path), name=PYTORCH_FID_WEIGHTS,
-                                                     url=PYTORCH_FID_WEIGHTS_URL))
-    with np.load(path) as f:
-        flat = {name: f[name] for name in f.files}
-    _check_names_and_shapes(f'params file {str(path)!r}', param_shapes(),
-                            {name: value.shape for name, value in flat.items()})
-    return unflatten_dict(flat, sep='/')
+  """Reads and checks FID Inception params written by `save_params`."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      _WEIGHTS_HELP.format(path=str(path), name=PYTORCH_FID_WEIGHTS, url=PYTORCH_FID_WEIGHTS_URL)
+    )
+  with np.load(path) as f:
+    flat = {name: f[name] for name in f.files}
+  _check_names_and_shapes(
+    f'params file {str(path)!r}',
+    param_shapes(),
+    {name: value.shape for name, value in flat.items()},
+  )
+  return unflatten_dict(flat, sep='/')
 
 
 def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a .pth state dict into numpy arrays (needs torch, imported only here)."""
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise ImportError(f'reading {path!r} needs PyTorch, which is not installed here. Run the conversion '
-                          'in an environment with torch (the CPU build is enough) and copy the .npz back; '
-                          'do not install torch into the JAX training environment.') from e
-    state_dict = torch.load(path, map_location='cpu', weights_only=True)
-    return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
+  """Reads a .pth state dict into numpy arrays (needs torch, imported only here)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(
+      f'reading {path!r} needs PyTorch, which is not installed here. Run the conversion '
+      'in an environment with torch (the CPU build is enough) and copy the .npz back; '
+      'do not install torch into the JAX training environment.'
+    ) from e
+  state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
 
 
 # ------------------------------------------------------------------------------------ statistics/metrics
 
 
 class FeatureStats:
-    """Streaming float64 mean and covariance of features (sums of x and x x^T, shifted by the first batch)."""
+  """Streaming float64 mean and covariance of features (sums of x and x x^T, shifted by the first batch)."""
 
-    def __init__(self, dim: int = POOL3_DIM):
-        self.dim = dim
-        self.num = 0
-        self._shift = np.zeros(dim)
-        self._sum = np.zeros(dim)
-        self._outer = np.zeros((dim, dim))
+  def __init__(self, dim: int = POOL3_DIM):
+    self.dim = dim
+    self.num = 0
+    self._shift = np.zeros(dim)
+    self._sum = np.zeros(dim)
+    self._outer = np.zeros((dim, dim))
 
-    def update(self, features: np.ndarray) -> None:
-        """Adds a batch of features of shape (n, dim)."""
-        x = np.asarray(features, np.float64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f'expected features of shape (n, {self.dim}), got {x.shape}')
-        if not len(x):
-            return
-        if self.num == 0:  # shifting by a typical value keeps the one-pass covariance accurate
-            self._shift = x.mean(axis=0)
-        x = x - self._shift
-        self.num += len(x)
-        self._sum += x.sum(axis=0)
-        self._outer += x.T @ x
+  def update(self, features: np.ndarray) -> None:
+    """Adds a batch of features of shape (n, dim)."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or x.shape[1] != self.dim:
+      raise ValueError(f'expected features of shape (n, {self.dim}), got {x.shape}')
+    if not len(x):
+      return
+    if self.num == 0:  # shifting by a typical value keeps the one-pass covariance accurate
+      self._shift = x.mean(axis=0)
+    x = x - self._shift
+    self.num += len(x)
+    self._sum += x.sum(axis=0)
+    self._outer += x.T @ x
 
-    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean (dim,) and unbiased covariance (dim, dim), as np.mean / np.cov(rowvar=False)."""
-        if self.num < 2:
-            raise ValueError(f'a covariance needs at least 2 feature vectors, got {self.num}')
-        centered_mean = self._sum / self.num
-        cov = (self._outer - self.num * np.outer(centered_mean, centered_mean)) / (self.num - 1)
-        return self._shift + centered_mean, cov
+  def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (dim,) and unbiased covariance (dim, dim), as np.mean / np.cov(rowvar=False)."""
+    if self.num < 2:
+      raise ValueError(f'a covariance needs at least 2 feature vectors, got {self.num}')
+    centered_mean = self._sum / self.num
+    cov = (self._outer - self.num * np.outer(centered_mean, centered_mean)) / (self.num - 1)
+    return self._shift + centered_mean, cov
 
 
 def _sqrtm_of_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> np.ndarray:
-    """Real sqrtm(sigma1 @ sigma2), retried with eps*I added to both when the product is near singular."""
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+  """Real sqrtm(sigma1 @ sigma2), retried with eps*I added to both when the product is near singular."""
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+  if not np.isfinite(covmean).all():
+    logging.warning(
+      'FID: sqrtm of a near-singular covariance product; adding %g to both diagonals.', eps
+    )
+    offset = eps * np.eye(len(sigma1))
+    covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if not np.isfinite(covmean).all():
-        logging.warning('FID: sqrtm of a near-singular covariance product; adding %g to both diagonals.', eps)
-        offset = eps * np.eye(len(sigma1))
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-        if not np.isfinite(covmean).all():
-            raise ValueError(f'FID: sqrtm(sigma1 @ sigma2) is not finite even with eps={eps}; check the '
-                             'covariances for NaN/inf or use a larger eps.')
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'FID: sqrtm(sigma1 @ sigma2) has a large imaginary part (max '
-                             f'{np.max(np.abs(covmean.imag)):.3g}); the covariances are not positive '
-                             'semi-definite enough: use more samples than feature dimensions or a larger eps.')
-        covmean = covmean.real
-    return covmean
+      raise ValueError(
+        f'FID: sqrtm(sigma1 @ sigma2) is not finite even with eps={eps}; check the '
+        'covariances for NaN/inf or use a larger eps.'
+      )
+  if np.iscomplexobj(covmean):
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ValueError(
+        f'FID: sqrtm(sigma1 @ sigma2) has a large imaginary part (max '
+        f'{np.max(np.abs(covmean.imag)):.3g}); the covariances are not positive '
+        'semi-definite enough: use more samples than feature dimensions or a larger eps.'
+      )
+    covmean = covmean.real
+  return covmean
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), in float64."""
-    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
-    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-    d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f'frechet_distance needs means (d,) and covariances (d, d) of one d, got '
-                         f'{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}')
-    diff = mu1 - mu2
-    covmean = _sqrtm_of_product(sigma1, sigma2, eps)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+def frechet_distance(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+  """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), in float64."""
+  mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+  sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+  d = mu1.shape[0]
+  if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+    raise ValueError(
+      f'frechet_distance needs means (d,) and covariances (d, d) of one d, got '
+      f'{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}'
+    )
+  diff = mu1 - mu2
+  covmean = _sqrtm_of_product(sigma1, sigma2, eps)
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
 def inception_score(logits: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
-    """Inception score (mean, std over `num_splits` splits) from the 1008-way logits, as OpenAI's IS code."""
-    logits = np.asarray(logits, np.float64)
-    n = len(logits)
-    if logits.ndim != 2 or n < num_splits:
-        raise ValueError(f'expected logits of shape (n >= {num_splits}, classes), got {logits.shape}')
-    probs = scipy.special.softmax(logits, axis=1)
-    scores = []
-    for i in range(num_splits):
-        part = probs[i * n // num_splits:(i + 1) * n // num_splits]
-        kl = scipy.special.rel_entr(part, part.mean(axis=0, keepdims=True)).sum(axis=1).mean()
-        scores.append(np.exp(kl))
-    return float(np.mean(scores)), float(np.std(scores))
+  """Inception score (mean, std over `num_splits` splits) from the 1008-way logits, as OpenAI's IS code."""
+  logits = np.asarray(logits, np.float64)
+  n = len(logits)
+  if logits.ndim != 2 or n < num_splits:
+    raise ValueError(f'expected logits of shape (n >= {num_splits}, classes), got {logits.shape}')
+  probs = scipy.special.softmax(logits, axis=1)
+  scores = []
+  for i in range(num_splits):
+    part = probs[i * n // num_splits : (i + 1) * n // num_splits]
+    kl = scipy.special.rel_entr(part, part.mean(axis=0, keepdims=True)).sum(axis=1).mean()
+    scores.append(np.exp(kl))
+  return float(np.mean(scores)), float(np.std(scores))
 
 
 def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
-    """Writes reference statistics to .npz (`mu`, `sigma`, `num_images`)."""
-    with open(path, 'wb') as f:
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                 num_images=np.int64(num_images))
+  """Writes reference statistics to .npz (`mu`, `sigma`, `num_images`)."""
+  with open(path, 'wb') as f:
+    np.savez(
+      f,
+      mu=np.asarray(mu, np.float64),
+      sigma=np.asarray(sigma, np.float64),
+      num_images=np.int64(num_images),
+    )
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """Reads (mu, sigma, num_images) from .npz; num_images is None in files without it (TTUR, pytorch-fid)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'no FID statistics at {str(path)!r}; compute them over the reference images '
-                                'with FeatureStats and write them with save_stats')
-    with np.load(path) as f:
-        if 'mu' not in f.files or 'sigma' not in f.files:
-            raise ValueError(f'{str(path)!r} is not an FID statistics file: it has {f.files}, needs mu and sigma')
-        num_images = int(f['num_images']) if 'num_images' in f.files else None
-        return np.asarray(f['mu'], np.float64), np.asarray(f['sigma'], np.float64), num_images
+  """Reads (mu, sigma, num_images) from .npz; num_images is None in files without it (TTUR, pytorch-fid)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f'no FID statistics at {str(path)!r}; compute them over the reference images '
+      'with FeatureStats and write them with save_stats'
+    )
+  with np.load(path) as f:
+    if 'mu' not in f.files or 'sigma' not in f.files:
+      raise ValueError(
+        f'{str(path)!r} is not an FID statistics file: it has {f.files}, needs mu and sigma'
+      )
+    num_images = int(f['num_images']) if 'num_images' in f.files else None
+    return np.asarray(f['mu'], np.float64), np.asarray(f['sigma'], np.float64), num_images
 
 
 # ------------------------------------------------------------------------------------------ command line
 
 
 def main(argv: list[str]) -> None:
-    """Converts pytorch-fid's .pth weights into this module's .npz."""
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    params = params_from_pytorch_fid(read_torch_state_dict(flags.FLAGS.pytorch_fid_weights))
-    save_params(flags.FLAGS.output, params)
-    logging.info('wrote %d FID Inception tensors to %s', len(param_shapes()), flags.FLAGS.output)
+  """Converts pytorch-fid's .pth weights into this module's .npz."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  params = params_from_pytorch_fid(read_torch_state_dict(flags.FLAGS.pytorch_fid_weights))
+  save_params(flags.FLAGS.output, params)
+  logging.info('wrote %d FID Inception tensors to %s', len(param_shapes()), flags.FLAGS.output)
 
 
 if __name__ == '__main__':
-    flags.DEFINE_string('pytorch_fid_weights', None, f'path of pytorch-fid\'s {PYTORCH_FID_WEIGHTS} '
-                        f'({PYTORCH_FID_WEIGHTS_URL})')
-    flags.DEFINE_string('output', 'inception_fid.npz', 'where to write the converted Flax params (.npz)')
-    flags.mark_flag_as_required('pytorch_fid_weights')
-    app.run(main)
+  flags.DEFINE_string(
+    'pytorch_fid_weights',
+    None,
+    f"path of pytorch-fid's {PYTORCH_FID_WEIGHTS} ({PYTORCH_FID_WEIGHTS_URL})",
+  )
+  flags.DEFINE_string(
+    'output', 'inception_fid.npz', 'where to write the converted Flax params (.npz)'
+  )
+  flags.mark_flag_as_required('pytorch_fid_weights')
+  app.run(main)

@@ -5,7 +5,8 @@ flipped (train only) and scaled from uint8 [0, 255] to float32 [-1, 1] as x / 12
 Each process reads its own share of a split (`tfds.split_for_jax_process`) and yields numpy
 batches of its share of the global batch size.
 """
-from typing import Iterable, Iterator, Optional
+
+from collections.abc import Iterable, Iterator
 
 import jax
 import ml_collections
@@ -19,19 +20,21 @@ Batch = dict[str, np.ndarray]
 
 # Raw files that TFDS cannot download itself, by dataset family; `{...}` is filled per builder.
 _MANUAL_STEPS = {
-    'lsun': (
-        'LSUN: TFDS downloads the LMDB zips from http://dl.yf.io/lsun/. If that server does\n'
-        'not serve them, get {files} (names and sha256 in\n'
-        'tensorflow_datasets/url_checksums/lsun.txt) and put them, not renamed and not\n'
-        'extracted, into the TFDS manual_dir {manual_dir}\n'
-        'TFDS verifies their checksums and uses them instead of downloading. Generation reads\n'
-        'LMDB with tensorflow-io (`pip install tensorflow-io` matching your TensorFlow).'),
-    'celeb_a_hq': (
-        'CelebA-HQ cannot be downloaded by TFDS. Create the {config}x{config} images from\n'
-        'CelebA and the CelebA-HQ delta files following\n'
-        'https://github.com/tkarras/progressive_growing_of_gans#preparing-datasets-for-training,\n'
-        'pack the 30,000 images (PNG) into one tar file named data{config}x{config}.tar and put\n'
-        'it into the TFDS manual_dir {manual_dir}'),
+  'lsun': (
+    'LSUN: TFDS downloads the LMDB zips from http://dl.yf.io/lsun/. If that server does\n'
+    'not serve them, get {files} (names and sha256 in\n'
+    'tensorflow_datasets/url_checksums/lsun.txt) and put them, not renamed and not\n'
+    'extracted, into the TFDS manual_dir {manual_dir}\n'
+    'TFDS verifies their checksums and uses them instead of downloading. Generation reads\n'
+    'LMDB with tensorflow-io (`pip install tensorflow-io` matching your TensorFlow).'
+  ),
+  'celeb_a_hq': (
+    'CelebA-HQ cannot be downloaded by TFDS. Create the {config}x{config} images from\n'
+    'CelebA and the CelebA-HQ delta files following\n'
+    'https://github.com/tkarras/progressive_growing_of_gans#preparing-datasets-for-training,\n'
+    'pack the 30,000 images (PNG) into one tar file named data{config}x{config}.tar and put\n'
+    'it into the TFDS manual_dir {manual_dir}'
+  ),
 }
 
 
@@ -39,17 +42,21 @@ class DatasetNotPreparedError(RuntimeError):
   """The TFDS dataset is not prepared in the configured data dir."""
 
 
-def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   """Fills in this JAX process's index and the process count where not given."""
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
+  return (
+    jax.process_index() if process_index is None else process_index,
+    jax.process_count() if process_count is None else process_count,
+  )
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
   """Returns the per-process batch size; the global batch must split evenly over processes."""
   if global_batch_size % process_count:
-    raise ValueError(f'The global batch size {global_batch_size} is not divisible by the '
-                     f'number of processes {process_count}.')
+    raise ValueError(
+      f'The global batch size {global_batch_size} is not divisible by the '
+      f'number of processes {process_count}.'
+    )
   return global_batch_size // process_count
 
 
@@ -62,20 +69,29 @@ def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
   """Returns how to prepare `builder`'s dataset in its data dir, with manual steps if needed."""
   name = builder.info.full_name.rsplit('/', 1)[0]  # 'lsun/bedroom', without the version
   data_dir = builder.data_dir_root
-  command = ('python -c "import tensorflow_datasets as tfds; '
-             f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\"")
-  message = (f"Dataset '{name}' is not prepared in {data_dir} (expected {builder.data_dir}).\n"
-             f'Prepare it on a machine with internet access (the `tfds build` CLI of this stack\n'
-             f'needs apache_beam):\n  {command}\n'
-             'or re-run training with --config.dataset.download=True on a machine with internet '
-             'access.')
+  command = (
+    'python -c "import tensorflow_datasets as tfds; '
+    f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\""
+  )
+  message = (
+    f"Dataset '{name}' is not prepared in {data_dir} (expected {builder.data_dir}).\n"
+    f'Prepare it on a machine with internet access (the `tfds build` CLI of this stack\n'
+    f'needs apache_beam):\n  {command}\n'
+    'or re-run training with --config.dataset.download=True on a machine with internet '
+    'access.'
+  )
   if builder.name in _MANUAL_STEPS:
     config = builder.builder_config.name
-    files = sorted(info.filename for info in (builder.url_infos or {}).values()
-                   if info.filename and info.filename.startswith((f'{config}_', f'{config}.')))
+    files = sorted(
+      info.filename
+      for info in (builder.url_infos or {}).values()
+      if info.filename and info.filename.startswith((f'{config}_', f'{config}.'))
+    )
     steps = _MANUAL_STEPS[builder.name].format(
-        config=config, files=' and '.join(files),
-        manual_dir=builder.data_dir_root / 'downloads' / 'manual')
+      config=config,
+      files=' and '.join(files),
+      manual_dir=builder.data_dir_root / 'downloads' / 'manual',
+    )
     message += f'\nManual steps before that command:\n{steps}'
   return message
 
@@ -85,7 +101,8 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
   if builder.name == sklearn_digits.SklearnDigits.name:
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
   elif config.dataset.download:
     builder.download_and_prepare()
   if not builder.is_prepared():
@@ -98,20 +115,28 @@ def check_prepared(config: ml_collections.ConfigDict) -> None:
   get_builder(config)
 
 
-def _read_config(shuffle_seed: Optional[int] = None) -> tfds.ReadConfig:
+def _read_config(shuffle_seed: int | None = None) -> tfds.ReadConfig:
   """Returns a TFDS read config with deterministic order (a fixed file order when shuffling)."""
   options = tf.data.Options()
   options.deterministic = True
-  return tfds.ReadConfig(options=options, shuffle_seed=shuffle_seed,
-                         shuffle_reshuffle_each_iteration=False)
+  return tfds.ReadConfig(
+    options=options, shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=False
+  )
 
 
-def _encoded_images(builder: tfds.core.DatasetBuilder, split: tfds.typing.SplitArg, *,
-                    shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+def _encoded_images(
+  builder: tfds.core.DatasetBuilder,
+  split: tfds.typing.SplitArg,
+  *,
+  shuffle_seed: int | None = None,
+) -> tf.data.Dataset:
   """Returns the still-encoded image bytes of `split` (files shuffled once if a seed is given)."""
-  ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
-                          decoders={'image': tfds.decode.SkipDecoding()},
-                          read_config=_read_config(shuffle_seed))
+  ds = builder.as_dataset(
+    split=split,
+    shuffle_files=shuffle_seed is not None,
+    decoders={'image': tfds.decode.SkipDecoding()},
+    read_config=_read_config(shuffle_seed),
+  )
   return ds.map(lambda example: example['image'])
 
 
@@ -119,8 +144,10 @@ def _image_decoder(builder: tfds.core.DatasetBuilder, config: ml_collections.Con
   """Returns the image feature's decoder after checking its channels against the config."""
   feature = builder.info.features['image']
   if feature.shape[-1] != config.dataset.num_channels:
-    raise ValueError(f'{builder.name} images have {feature.shape[-1]} channels but '
-                     f'config.dataset.num_channels is {config.dataset.num_channels}.')
+    raise ValueError(
+      f'{builder.name} images have {feature.shape[-1]} channels but '
+      f'config.dataset.num_channels is {config.dataset.num_channels}.'
+    )
   return feature.decode_example
 
 
@@ -152,8 +179,15 @@ def _process_seed(seed: int, process_index: int) -> np.ndarray:
   return np.random.SeedSequence((seed, process_index)).generate_state(2).astype(np.int64)
 
 
-def _shuffled_epochs(images: tf.data.Dataset, num_examples: int, *, seed: np.ndarray,
-                     start_epoch: int, skip: int, buffer_size: int) -> tf.data.Dataset:
+def _shuffled_epochs(
+  images: tf.data.Dataset,
+  num_examples: int,
+  *,
+  seed: np.ndarray,
+  start_epoch: int,
+  skip: int,
+  buffer_size: int,
+) -> tf.data.Dataset:
   """Returns infinite (flip seed, encoded image) epochs from `start_epoch`, skipping `skip` first.
 
   Epoch e is `images` shuffled with a seed folded from (seed, e), so its order does not depend on
@@ -170,9 +204,13 @@ def _shuffled_epochs(images: tf.data.Dataset, num_examples: int, *, seed: np.nda
   return tf.data.Dataset.counter(start_epoch).flat_map(epoch)
 
 
-def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0,
-                  process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> tf.data.Dataset:
+def train_dataset(
+  config: ml_collections.ConfigDict,
+  *,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> tf.data.Dataset:
   """Returns the infinite train tf.data pipeline of one process; see `create_train_iterator`."""
   process_index, process_count = _process(process_index, process_count)
   batch_size = local_batch_size(config.train.batch_size, process_count)
@@ -191,8 +229,14 @@ def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0,
     return {'image': image}
 
   images = _encoded_images(builder, split, shuffle_seed=int(seed[0]))
-  ds = _shuffled_epochs(images, num_examples, seed=seed, start_epoch=start_epoch, skip=skip,
-                        buffer_size=config.dataset.shuffle_buffer_size)
+  ds = _shuffled_epochs(
+    images,
+    num_examples,
+    seed=seed,
+    start_epoch=start_epoch,
+    skip=skip,
+    buffer_size=config.dataset.shuffle_buffer_size,
+  )
   ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True)
   if steps_per_call > 1:
@@ -200,9 +244,13 @@ def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0,
   return ds.prefetch(config.dataset.prefetch)
 
 
-def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
-                          process_index: Optional[int] = None,
-                          process_count: Optional[int] = None) -> Iterator[Batch]:
+def create_train_iterator(
+  config: ml_collections.ConfigDict,
+  *,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[Batch]:
   """Returns this process's infinite, deterministic, resumable iterator of train batches.
 
   Yields `{'image': float32 [B, H, W, C]}` with B = config.train.batch_size // process_count,
@@ -221,8 +269,9 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int 
   config.dataset.shuffle_buffer_size and a sliding-window shuffle otherwise. The order changes if
   the process count changes.
   """
-  ds = train_dataset(config, start_step=start_step, process_index=process_index,
-                     process_count=process_count)
+  ds = train_dataset(
+    config, start_step=start_step, process_index=process_index, process_count=process_count
+  )
   return iter(tfds.as_numpy(ds))
 
 
@@ -232,9 +281,14 @@ def _padding(element_spec: dict[str, tf.TensorSpec], count: int) -> tf.data.Data
   return tf.data.Dataset.from_tensors(zeros).repeat(count)
 
 
-def create_eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_size: int,
-                        process_index: Optional[int] = None,
-                        process_count: Optional[int] = None) -> tuple[Iterable[Batch], int]:
+def create_eval_dataset(
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  batch_size: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> tuple[Iterable[Batch], int]:
   """Returns (re-iterable batches of one pass over this process's share of `split`, num_batches).
 
   `batch_size` is global; each process gets batch_size // process_count rows per batch as
@@ -246,8 +300,10 @@ def create_eval_dataset(config: ml_collections.ConfigDict, split: str, *, batch_
   process_index, process_count = _process(process_index, process_count)
   batch_size = local_batch_size(batch_size, process_count)
   builder = get_builder(config)
-  shares = [builder.info.splits[process_split(split, i, process_count)].num_examples
-            for i in range(process_count)]
+  shares = [
+    builder.info.splits[process_split(split, i, process_count)].num_examples
+    for i in range(process_count)
+  ]
   num_batches = -(-max(shares) // batch_size)
   decode = _image_decoder(builder, config)
 

@@ -1,26 +1,36 @@
 """Entry point: ``python -m diffusion_jax.main --config=configs/cifar10.py --workdir=DIR``."""
+
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import evaluate, input_pipeline, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go (may be gs://).')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'train: train or resume; '
-                  'sample: samples from the latest checkpoint\'s EMA params; eval: FID/IS (or the '
-                  'digits metric) and bits/dim of the latest checkpoint.')
+flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'sample', 'eval'],
+  'train: train or resume; '
+  "sample: samples from the latest checkpoint's EMA params; eval: FID/IS (or the "
+  'digits metric) and bits/dim of the latest checkpoint.',
+)
 flags.DEFINE_integer('num_samples', 64, 'With --mode=sample: how many samples to draw.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host '
-                  'TPU pod slices detect the arguments below themselves).')
+flags.DEFINE_bool(
+  'distributed',
+  False,
+  'Call jax.distributed.initialize() first (multi-host '
+  'TPU pod slices detect the arguments below themselves).',
+)
 flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes.')
-flags.DEFINE_integer('process_id', None, 'With --distributed: this process\'s index.')
+flags.DEFINE_integer('process_id', None, "With --distributed: this process's index.")
 config_flags.DEFINE_config_file('config', None, 'A config file in configs/.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -33,17 +43,23 @@ def main(argv):
     jax.config.update('jax_num_cpu_devices', FLAGS.config.num_cpu_devices)
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  logging.info('JAX process %d / %d, %d local / %d global devices (%s).', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info(
+    'JAX process %d / %d, %d local / %d global devices (%s).',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'sample':
       train.sample_from_checkpoint(FLAGS.config, FLAGS.workdir, num_samples=FLAGS.num_samples)
     else:
-      evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
-                                   config_name=config_flags.get_config_filename(FLAGS['config']))
+      evaluate.evaluate_checkpoint(
+        FLAGS.config, FLAGS.workdir, config_name=config_flags.get_config_filename(FLAGS['config'])
+      )
   except (train.SetupError, input_pipeline.DatasetNotPreparedError) as e:
     raise SystemExit(f'error: {e}') from None
 

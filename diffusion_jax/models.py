@@ -26,9 +26,11 @@ exists for i < len(ch_mult) - 1 and `up_{i}_upsample` for i > 0, and neither has
 without resamp_with_conv. Parameters are always float32; `dtype`
 (a dtype or its name, e.g. 'bfloat16') is the compute dtype, and the output is float32.
 """
+
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -58,30 +60,48 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
   """The floating compute dtype named by `dtype` (a dtype or a name such as 'bfloat16')."""
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"UNet dtype must be a floating dtype such as 'float32' or 'bfloat16', got {dtype}.")
+    raise ValueError(
+      f"UNet dtype must be a floating dtype such as 'float32' or 'bfloat16', got {dtype}."
+    )
   return dtype
 
 
 def _group_norm(dtype: Any, name: str) -> nn.GroupNorm:
   """GroupNorm as in the original: 32 groups, eps 1e-6, two-pass (mean, then variance) statistics."""
-  return nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
+  return nn.GroupNorm(
+    num_groups=NUM_GROUPS, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name
+  )
 
 
-def _conv3x3(features: int, dtype: Any, name: str, strides: int = 1,
-             kernel_init: nn.initializers.Initializer = DEFAULT_INIT) -> nn.Conv:
+def _conv3x3(
+  features: int,
+  dtype: Any,
+  name: str,
+  strides: int = 1,
+  kernel_init: nn.initializers.Initializer = DEFAULT_INIT,
+) -> nn.Conv:
   """3x3 convolution with TF 'SAME' padding."""
-  return nn.Conv(features, (3, 3), strides=strides, padding='SAME', dtype=dtype, kernel_init=kernel_init,
-                 name=name)
+  return nn.Conv(
+    features,
+    (3, 3),
+    strides=strides,
+    padding='SAME',
+    dtype=dtype,
+    kernel_init=kernel_init,
+    name=name,
+  )
 
 
-def _dense(features: int, dtype: Any, name: str,
-           kernel_init: nn.initializers.Initializer = DEFAULT_INIT) -> nn.Dense:
+def _dense(
+  features: int, dtype: Any, name: str, kernel_init: nn.initializers.Initializer = DEFAULT_INIT
+) -> nn.Dense:
   """Dense over the last axis (the original's `dense`, and `nin` for a 1x1 projection over channels)."""
   return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
 class ResnetBlock(nn.Module):
   """Wide-ResNet block with the projected timestep embedding added between its two convolutions."""
+
   out_ch: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -102,6 +122,7 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
   """Single-head self-attention over all H*W positions, with a residual connection."""
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -109,8 +130,10 @@ class AttnBlock(nn.Module):
     """Maps x [B, H, W, C] to [B, H, W, C]; the softmax runs in float32 whatever the compute dtype."""
     b, height, width, c = x.shape
     h = _group_norm(self.dtype, 'norm')(x)
-    q, k, v = (_dense(c, self.dtype, name)(h).reshape(b, height * width, c) for name in ('q', 'k', 'v'))
-    logits = jnp.einsum('bic,bjc->bij', q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+    q, k, v = (
+      _dense(c, self.dtype, name)(h).reshape(b, height * width, c) for name in ('q', 'k', 'v')
+    )
+    logits = jnp.einsum('bic,bjc->bij', q, k, preferred_element_type=jnp.float32) * (c**-0.5)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     h = jnp.einsum('bij,bjc->bic', weights, v).reshape(b, height, width, c)
     return x + _dense(c, self.dtype, 'proj_out', kernel_init=NEAR_ZERO_INIT)(h)
@@ -118,6 +141,7 @@ class AttnBlock(nn.Module):
 
 class Downsample(nn.Module):
   """Halves H and W: 3x3 stride-2 conv with TF 'SAME' padding (0 before, 1 after), or a 2x2 average pool."""
+
   with_conv: bool = True
   dtype: Any = jnp.float32
 
@@ -131,6 +155,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Doubles H and W: nearest-neighbour repeat, then (optionally) a 3x3 conv."""
+
   with_conv: bool = True
   dtype: Any = jnp.float32
 
@@ -145,6 +170,7 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
   """The DDPM noise-prediction U-Net eps_theta(x_t, t); see the module docstring for its parameter names."""
+
   ch: int
   out_ch: int
   ch_mult: Sequence[int]
@@ -162,18 +188,25 @@ class UNet(nn.Module):
       raise ValueError(f'num_res_blocks must be >= 0, got {self.num_res_blocks}.')
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f'dropout is a drop rate in [0, 1), got {self.dropout}.')
-    for name, channels in [('ch', self.ch)] + [(f'ch * ch_mult[{i}]', self.ch * m)
-                                               for i, m in enumerate(self.ch_mult)]:
+    for name, channels in [('ch', self.ch)] + [
+      (f'ch * ch_mult[{i}]', self.ch * m) for i, m in enumerate(self.ch_mult)
+    ]:
       if channels <= 0 or channels % NUM_GROUPS:
-        raise ValueError(f'{name} = {channels} channels is not a positive multiple of the {NUM_GROUPS} '
-                         f'GroupNorm groups; choose ch and ch_mult so that ch and every ch * ch_mult[i] '
-                         f'are multiples of {NUM_GROUPS} (got ch={self.ch}, ch_mult={tuple(self.ch_mult)}).')
+        raise ValueError(
+          f'{name} = {channels} channels is not a positive multiple of the {NUM_GROUPS} '
+          f'GroupNorm groups; choose ch and ch_mult so that ch and every ch * ch_mult[i] '
+          f'are multiples of {NUM_GROUPS} (got ch={self.ch}, ch_mult={tuple(self.ch_mult)}).'
+        )
     if x.ndim != 4 or x.shape[1] != x.shape[2]:
-      raise ValueError(f'x must be a batch of square NHWC images [B, S, S, C], got shape {x.shape}.')
+      raise ValueError(
+        f'x must be a batch of square NHWC images [B, S, S, C], got shape {x.shape}.'
+      )
     factor = 2 ** (len(self.ch_mult) - 1)
     if x.shape[1] % factor:
-      raise ValueError(f'image size {x.shape[1]} is not divisible by 2**(len(ch_mult) - 1) = {factor}; resize '
-                       f'or crop the images to a multiple of {factor}, or use fewer levels in ch_mult.')
+      raise ValueError(
+        f'image size {x.shape[1]} is not divisible by 2**(len(ch_mult) - 1) = {factor}; resize '
+        f'or crop the images to a multiple of {factor}, or use fewer levels in ch_mult.'
+      )
     if t.shape != (x.shape[0],):
       raise ValueError(f't must have shape [B] = ({x.shape[0]},) to match x, got shape {t.shape}.')
 
@@ -208,7 +241,8 @@ class UNet(nn.Module):
     for i in reversed(range(num_levels)):
       for j in range(self.num_res_blocks + 1):
         h = block(self.ch * self.ch_mult[i], name=f'up_{i}_block_{j}')(
-            jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+          jnp.concatenate([h, hs.pop()], axis=-1), temb, train
+        )
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(dtype, name=f'up_{i}_attn_{j}')(h)
       if i != 0:

@@ -1,15 +1,18 @@
 """Data-parallel ancestral sampling (Algorithm 2) over every device of every host, and image grids."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from diffusion_jax import diffusion as diffusion_lib
@@ -23,9 +26,15 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def make_sample_fn(model: nn.Module, diffusion: diffusion_lib.GaussianDiffusion, mesh: Mesh, *,
-                   image_shape: tuple[int, int, int], num_samples: int,
-                   clip_denoised: bool = True) -> Callable[[Any, jax.Array], jax.Array]:
+def make_sample_fn(
+  model: nn.Module,
+  diffusion: diffusion_lib.GaussianDiffusion,
+  mesh: Mesh,
+  *,
+  image_shape: tuple[int, int, int],
+  num_samples: int,
+  clip_denoised: bool = True,
+) -> Callable[[Any, jax.Array], jax.Array]:
   """Returns a jitted ``sample(params, rng) -> [num_samples, H, W, C]`` sharded over ``mesh``.
 
   ``num_samples`` is rounded up to a multiple of the device count; each device runs the whole
@@ -37,11 +46,11 @@ def make_sample_fn(model: nn.Module, diffusion: diffusion_lib.GaussianDiffusion,
   def per_device_sample(params, rng):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
     model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
-    return diffusion.p_sample_loop(model_fn, (per_device, *image_shape), rng,
-                                   clip_denoised=clip_denoised)
+    return diffusion.p_sample_loop(
+      model_fn, (per_device, *image_shape), rng, clip_denoised=clip_denoised
+    )
 
-  sharded = jax.shard_map(per_device_sample, mesh=mesh, in_specs=(P(), P()),
-                          out_specs=P(DATA_AXIS))
+  sharded = jax.shard_map(per_device_sample, mesh=mesh, in_specs=(P(), P()), out_specs=P(DATA_AXIS))
   return jax.jit(sharded)
 
 
@@ -64,7 +73,7 @@ def image_grid(images: np.ndarray, *, padding: int = 2) -> np.ndarray:
   grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
   for k, image in enumerate(images):
     y, x = padding + (k // cols) * (h + padding), padding + (k % cols) * (w + padding)
-    grid[y:y + h, x:x + w] = image
+    grid[y : y + h, x : x + w] = image
   return grid
 
 
@@ -77,4 +86,3 @@ def save_png(path: epath.PathLike, image: np.ndarray, *, min_size: int = 256) ->
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open('wb') as f:
     pil.save(f, format='PNG')
-

@@ -2,6 +2,7 @@
 
 Shared by test_diffusion.py (the bound in one process) and test_evaluate.py (the sharded NLL path).
 """
+
 import math
 
 import jax.numpy as jnp
@@ -47,10 +48,13 @@ def expected_bound_bits(betas: np.ndarray, mu: float, s: float) -> float:
   coef1 = betas * np.sqrt(ac_prev) / (1 - alphas_cumprod)
   ac_T = alphas_cumprod[-1]
   prior = 0.5 * (-1 - math.log(1 - ac_T) + (1 - ac_T) + ac_T * (mu**2 + s**2))
-  kls = np.sum(0.5 * coef1[1:]**2 * var_x0[1:] / beta_tilde[1:])
+  kls = np.sum(0.5 * coef1[1:] ** 2 * var_x0[1:] / beta_tilde[1:])
   nodes, weights = np.polynomial.hermite_e.hermegauss(40)
   err = -np.abs(nodes) * math.sqrt(var_x0[0])
   scale, half_bin = math.sqrt(beta_tilde[1]), 1 / 255
-  upper, lower = special.log_ndtr((err + half_bin) / scale), special.log_ndtr((err - half_bin) / scale)
+  upper, lower = (
+    special.log_ndtr((err + half_bin) / scale),
+    special.log_ndtr((err - half_bin) / scale),
+  )
   decoder = -np.sum(weights / weights.sum() * (upper + np.log1p(-np.exp(lower - upper))))
   return (prior + kls + decoder) / math.log(2)

@@ -5,12 +5,13 @@ The source files are built from names written out independently of convert.py: d
 original diffusion_tf/models/unet.py. The TF checkpoint is written by TF itself from compat.v1 variables,
 with real ExponentialMovingAverage shadows, global_step and (for a few variables) Adam slots.
 """
+
 import json
 import os
 import pathlib
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,18 +28,33 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TF_STEP = 12345
 # google/ddpm-cifar10-32's config.json (diffusers 0.0.4), which the google/ddpm-ema-cifar10-32 repo shares.
 CIFAR10_CONFIG_JSON = {
-    '_class_name': 'UNet2DModel', '_diffusers_version': '0.0.4', 'act_fn': 'silu',
-    'block_out_channels': [128, 256, 256, 256], 'center_input_sample': False,
-    'down_block_types': ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'],
-    'downsample_padding': 0, 'flip_sin_to_cos': False, 'freq_shift': 1, 'in_channels': 3,
-    'layers_per_block': 2, 'mid_block_scale_factor': 1, 'norm_eps': 1e-06, 'norm_num_groups': 32,
-    'out_channels': 3, 'sample_size': 32, 'time_embedding_type': 'positional',
-    'up_block_types': ['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D']}
+  '_class_name': 'UNet2DModel',
+  '_diffusers_version': '0.0.4',
+  'act_fn': 'silu',
+  'block_out_channels': [128, 256, 256, 256],
+  'center_input_sample': False,
+  'down_block_types': ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'],
+  'downsample_padding': 0,
+  'flip_sin_to_cos': False,
+  'freq_shift': 1,
+  'in_channels': 3,
+  'layers_per_block': 2,
+  'mid_block_scale_factor': 1,
+  'norm_eps': 1e-06,
+  'norm_num_groups': 32,
+  'out_channels': 3,
+  'sample_size': 32,
+  'time_embedding_type': 'positional',
+  'up_block_types': ['UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'],
+}
 # The 256x256 repos (celebahq, church, bedroom, cat): six levels, attention at 16x16 (level 4).
 CONFIG_JSON_256 = {
-    **CIFAR10_CONFIG_JSON, 'sample_size': 256, 'block_out_channels': [128, 128, 256, 256, 512, 512],
-    'down_block_types': ['DownBlock2D'] * 4 + ['AttnDownBlock2D', 'DownBlock2D'],
-    'up_block_types': ['UpBlock2D', 'AttnUpBlock2D'] + ['UpBlock2D'] * 4}
+  **CIFAR10_CONFIG_JSON,
+  'sample_size': 256,
+  'block_out_channels': [128, 128, 256, 256, 512, 512],
+  'down_block_types': ['DownBlock2D'] * 4 + ['AttnDownBlock2D', 'DownBlock2D'],
+  'up_block_types': ['UpBlock2D', 'AttnUpBlock2D'] + ['UpBlock2D'] * 4,
+}
 
 
 def small_config():
@@ -52,14 +68,20 @@ def small_config():
 
 def small_config_json():
   """The config.json a UNet2DModel of small_config() would have."""
-  return {**CIFAR10_CONFIG_JSON, 'sample_size': 16, 'block_out_channels': [32, 64], 'layers_per_block': 1,
-          'down_block_types': ['DownBlock2D', 'AttnDownBlock2D'],
-          'up_block_types': ['AttnUpBlock2D', 'UpBlock2D'],
-          'attention_head_dim': None}
+  return {
+    **CIFAR10_CONFIG_JSON,
+    'sample_size': 16,
+    'block_out_channels': [32, 64],
+    'layers_per_block': 1,
+    'down_block_types': ['DownBlock2D', 'AttnDownBlock2D'],
+    'up_block_types': ['AttnUpBlock2D', 'UpBlock2D'],
+    'attention_head_dim': None,
+  }
 
 
-def source_weights(config, seed: int | None, *, legacy_attention: bool = False
-                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def source_weights(
+  config, seed: int | None, *, legacy_attention: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """(diffusers state dict, original TF variables) holding the same weights, random or (seed None) zeros.
 
   Zeros are zero-stride views, so even the 256x256 models cost no memory.
@@ -74,7 +96,7 @@ def source_weights(config, seed: int | None, *, legacy_attention: bool = False
     return (mean + std * rng.normal(size=shape)).astype(np.float32)
 
   def dense(d, t, cin, cout):  # nn.Linear (out, in) | dense / nin W [in, out]
-    w, b = value((cin, cout), cin ** -0.5), value((cout,), 0.1)
+    w, b = value((cin, cout), cin**-0.5), value((cout,), 0.1)
     diffusers.update({f'{d}.weight': w.T, f'{d}.bias': b})
     original.update({f'{t}/W': w, f'{t}/b': b})
 
@@ -84,7 +106,7 @@ def source_weights(config, seed: int | None, *, legacy_attention: bool = False
     original.update({f'{t}/W': w, f'{t}/b': b})
 
   def shortcut(d, t, cin, cout):  # 1x1 nn.Conv2d (out, in, 1, 1) | nin W [in, out]
-    w, b = value((cin, cout), cin ** -0.5), value((cout,), 0.1)
+    w, b = value((cin, cout), cin**-0.5), value((cout,), 0.1)
     diffusers.update({f'{d}.weight': w.T[:, :, None, None], f'{d}.bias': b})
     original.update({f'{t}/W': w, f'{t}/b': b})
 
@@ -104,7 +126,11 @@ def source_weights(config, seed: int | None, *, legacy_attention: bool = False
 
   def attention(d, t, c):
     norm(f'{d}.group_norm', f'{t}/norm', c)
-    names = ('query', 'key', 'value', 'proj_attn') if legacy_attention else ('to_q', 'to_k', 'to_v', 'to_out.0')
+    names = (
+      ('query', 'key', 'value', 'proj_attn')
+      if legacy_attention
+      else ('to_q', 'to_k', 'to_v', 'to_out.0')
+    )
     for name, tf_name in zip(names, ('q', 'k', 'v', 'proj_out')):
       dense(f'{d}.{name}', f'{t}/{tf_name}', c, c)
 
@@ -113,7 +139,7 @@ def source_weights(config, seed: int | None, *, legacy_attention: bool = False
   conv('conv_in', 'model/conv_in', config.dataset.num_channels, ch)
   skips, c = [ch], ch
   for i, mult in enumerate(config.model.ch_mult):
-    attend = config.dataset.image_size // 2 ** i in config.model.attn_resolutions
+    attend = config.dataset.image_size // 2**i in config.model.attn_resolutions
     for j in range(config.model.num_res_blocks):
       resnet(f'down_blocks.{i}.resnets.{j}', f'model/down_{i}/block_{j}', c, ch * mult)
       c = ch * mult
@@ -128,7 +154,7 @@ def source_weights(config, seed: int | None, *, legacy_attention: bool = False
   resnet('mid_block.resnets.1', 'model/mid/block_2', c, c)
   for k in range(levels):
     i = levels - 1 - k
-    attend = config.dataset.image_size // 2 ** i in config.model.attn_resolutions
+    attend = config.dataset.image_size // 2**i in config.model.attn_resolutions
     for j in range(config.model.num_res_blocks + 1):
       cout = ch * config.model.ch_mult[i]
       resnet(f'up_blocks.{k}.resnets.{j}', f'model/up_{i}/block_{j}', c + skips.pop(), cout)
@@ -145,8 +171,10 @@ def source_weights(config, seed: int | None, *, legacy_attention: bool = False
 def write_diffusers(folder: pathlib.Path, state_dict, config_json) -> pathlib.Path:
   """A google/ddpm-*-style folder: diffusion_pytorch_model.safetensors and config.json."""
   folder.mkdir(parents=True, exist_ok=True)
-  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()},
-                              str(folder / 'diffusion_pytorch_model.safetensors'))
+  safetensors.numpy.save_file(
+    {k: np.ascontiguousarray(v) for k, v in state_dict.items()},
+    str(folder / 'diffusion_pytorch_model.safetensors'),
+  )
   (folder / 'config.json').write_text(json.dumps(config_json))
   return folder
 
@@ -164,11 +192,17 @@ def write_tf_checkpoint(folder: pathlib.Path, raw, ema, step: int) -> str:
     global_step = v1.train.get_or_create_global_step()
     averages = v1.train.ExponentialMovingAverage(decay=0.9999)
     averages.apply(list(variables.values()))
-    some = [v for name, v in variables.items() if name.startswith(('model/conv_in/', 'model/mid/attn_1/'))]
-    v1.train.AdamOptimizer(2e-4).apply_gradients([(tf.zeros_like(v), v) for v in some], global_step=global_step)
+    some = [
+      v for name, v in variables.items() if name.startswith(('model/conv_in/', 'model/mid/attn_1/'))
+    ]
+    v1.train.AdamOptimizer(2e-4).apply_gradients(
+      [(tf.zeros_like(v), v) for v in some], global_step=global_step
+    )
     set_values = [averages.average(var).assign(ema[name]) for name, var in variables.items()]
     no_grappler = rewriter_config_pb2.RewriterConfig(disable_meta_optimizer=True)
-    with v1.Session(config=v1.ConfigProto(graph_options=v1.GraphOptions(rewrite_options=no_grappler))) as sess:
+    with v1.Session(
+      config=v1.ConfigProto(graph_options=v1.GraphOptions(rewrite_options=no_grappler))
+    ) as sess:
       sess.run(v1.global_variables_initializer())
       sess.run(set_values + [global_step.assign(step)])
       return v1.train.Saver().save(sess, str(folder / 'model.ckpt'), global_step=step)
@@ -189,11 +223,18 @@ def small(tmp_path_factory):
   diffusers_a, tf_a = source_weights(config, seed=0)
   diffusers_b, tf_b = source_weights(config, seed=1, legacy_attention=True)
   return dict(
-      config=config, diffusers_a=diffusers_a, diffusers_b=diffusers_b, tf_a=tf_a, tf_b=tf_b,
-      folder_a=write_diffusers(folder / 'ddpm-a', diffusers_a, small_config_json()),
-      folder_b=write_diffusers(folder / 'ddpm-b', diffusers_b, small_config_json()),
-      tf_checkpoint=write_tf_checkpoint(folder, tf_a, tf_b, TF_STEP),
-      forward=jax.jit(lambda params, x, t: train.create_model(config).apply({'params': params}, x, t)))
+    config=config,
+    diffusers_a=diffusers_a,
+    diffusers_b=diffusers_b,
+    tf_a=tf_a,
+    tf_b=tf_b,
+    folder_a=write_diffusers(folder / 'ddpm-a', diffusers_a, small_config_json()),
+    folder_b=write_diffusers(folder / 'ddpm-b', diffusers_b, small_config_json()),
+    tf_checkpoint=write_tf_checkpoint(folder, tf_a, tf_b, TF_STEP),
+    forward=jax.jit(
+      lambda params, x, t: train.create_model(config).apply({'params': params}, x, t)
+    ),
+  )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -204,18 +245,26 @@ def test_diffusers_file_loads_into_the_flax_tree_with_both_attention_key_styles(
   for folder in (small['folder_a'], small['folder_b']):  # B uses query/key/value/proj_attn
     state_dict = safetensors.numpy.load_file(str(folder / 'diffusion_pytorch_model.safetensors'))
     params = convert.params_from_diffusers(state_dict, small['config'])
-    flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+      tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
     assert {p: v.shape for p, v in flat.items()} == abstract
     assert {v.dtype for v in flat.values()} == {np.dtype(np.float32)}
   sd = small['diffusers_b']
-  np.testing.assert_array_equal(params['down_1_attn_0']['q']['kernel'],
-                                sd['down_blocks.1.attentions.0.query.weight'].T)
-  np.testing.assert_array_equal(params['up_1_attn_1']['proj_out']['bias'],
-                                sd['up_blocks.0.attentions.1.proj_attn.bias'])
-  np.testing.assert_array_equal(params['up_0_block_1']['conv1']['kernel'],
-                                sd['up_blocks.1.resnets.1.conv1.weight'].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(params['down_1_block_0']['nin_shortcut']['kernel'],
-                                sd['down_blocks.1.resnets.0.conv_shortcut.weight'][:, :, 0, 0].T)
+  np.testing.assert_array_equal(
+    params['down_1_attn_0']['q']['kernel'], sd['down_blocks.1.attentions.0.query.weight'].T
+  )
+  np.testing.assert_array_equal(
+    params['up_1_attn_1']['proj_out']['bias'], sd['up_blocks.0.attentions.1.proj_attn.bias']
+  )
+  np.testing.assert_array_equal(
+    params['up_0_block_1']['conv1']['kernel'],
+    sd['up_blocks.1.resnets.1.conv1.weight'].transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+    params['down_1_block_0']['nin_shortcut']['kernel'],
+    sd['down_blocks.1.resnets.0.conv_shortcut.weight'][:, :, 0, 0].T,
+  )
   np.testing.assert_array_equal(params['norm_out']['scale'], sd['conv_norm_out.weight'])
 
 
@@ -229,12 +278,18 @@ def test_tf_checkpoint_loads_raw_and_ema_and_ignores_adam(small):
   assert step == TF_STEP
   params, ema_params = convert.params_from_tf(variables, small['config'])
   assert_trees_equal(params, convert.params_from_diffusers(small['diffusers_a'], small['config']))
-  assert_trees_equal(ema_params, convert.params_from_diffusers(small['diffusers_b'], small['config']))
-  np.testing.assert_array_equal(params['mid_block_1']['temb_proj']['kernel'],
-                                small['tf_a']['model/mid/block_1/temb_proj/W'])
-  np.testing.assert_array_equal(ema_params['up_1_upsample']['conv']['kernel'],
-                                small['tf_b']['model/up_1/upsample/conv/W'])
-  assert convert.read_tf_checkpoint(os.path.dirname(small['tf_checkpoint']))[1] == TF_STEP  # a folder: latest
+  assert_trees_equal(
+    ema_params, convert.params_from_diffusers(small['diffusers_b'], small['config'])
+  )
+  np.testing.assert_array_equal(
+    params['mid_block_1']['temb_proj']['kernel'], small['tf_a']['model/mid/block_1/temb_proj/W']
+  )
+  np.testing.assert_array_equal(
+    ema_params['up_1_upsample']['conv']['kernel'], small['tf_b']['model/up_1/upsample/conv/W']
+  )
+  assert (
+    convert.read_tf_checkpoint(os.path.dirname(small['tf_checkpoint']))[1] == TF_STEP
+  )  # a folder: latest
 
 
 def test_same_weights_give_identical_outputs_from_either_file(small):
@@ -251,8 +306,10 @@ def test_same_weights_give_identical_outputs_from_either_file(small):
 
 def test_lsun_configs_share_the_celebahq_structure():
   structure = lambda c: (c.model, c.dataset.image_size, c.dataset.num_channels)
-  assert all(structure(m.get_config()) == structure(celebahq.get_config())
-             for m in (lsun_bedroom, lsun_cat, lsun_church))
+  assert all(
+    structure(m.get_config()) == structure(celebahq.get_config())
+    for m in (lsun_bedroom, lsun_cat, lsun_church)
+  )
 
 
 @pytest.mark.parametrize('module', [cifar10, celebahq], ids=['cifar10', '256x256'])
@@ -263,10 +320,16 @@ def test_released_structures_fit_exactly(module):
   diffusers, original = source_weights(config, seed=None)
   params = convert.params_from_diffusers(diffusers, config)
   assert len(diffusers) == len(original) == len(jax.tree.leaves(params))
-  with_ema_and_adam = (original | {f'{k}/ExponentialMovingAverage': v for k, v in original.items()}
-                      | {f'{k}/Adam': v for k, v in original.items()} | {'global_step': np.int64(1)})
+  with_ema_and_adam = (
+    original
+    | {f'{k}/ExponentialMovingAverage': v for k, v in original.items()}
+    | {f'{k}/Adam': v for k, v in original.items()}
+    | {'global_step': np.int64(1)}
+  )
   raw, ema = convert.params_from_tf(with_ema_and_adam, config)
-  sizes = [sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree)) for tree in (params, raw, ema)]
+  sizes = [
+    sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree)) for tree in (params, raw, ema)
+  ]
   assert sizes == [35_746_307 if module is cifar10 else 113_673_219] * 3
 
 
@@ -274,9 +337,14 @@ def test_released_structures_fit_exactly(module):
 
 
 def _conv_nchw(x, w, b, padding):
-  out = jax.lax.conv_general_dilated(x, w, (1, 1), [(padding, padding)] * 2,
-                                     dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
-                                     precision=jax.lax.Precision.HIGHEST)
+  out = jax.lax.conv_general_dilated(
+    x,
+    w,
+    (1, 1),
+    [(padding, padding)] * 2,
+    dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   return out + b[None, :, None, None]
 
 
@@ -312,7 +380,9 @@ def _diffusers_attention(sd, prefix, x, names=('to_q', 'to_k', 'to_v', 'to_out.0
   h = _group_norm_nchw(x, sd[f'{prefix}.group_norm.weight'], sd[f'{prefix}.group_norm.bias'])
   h = h.reshape(b, c, height * width).transpose(0, 2, 1)
   q, k, v = (_linear(h, sd, f'{prefix}.{name}') for name in names[:3])
-  probs = jax.nn.softmax(jnp.matmul(q, k.transpose(0, 2, 1), precision='highest') * c ** -0.5, axis=-1)
+  probs = jax.nn.softmax(
+    jnp.matmul(q, k.transpose(0, 2, 1), precision='highest') * c**-0.5, axis=-1
+  )
   out = _linear(jnp.matmul(probs, v, precision='highest'), sd, f'{prefix}.{names[3]}')
   return x + out.transpose(0, 2, 1).reshape(b, c, height, width)
 
@@ -323,41 +393,57 @@ def test_resnet_and_attention_blocks_match_the_torch_layout_math(small):
   x_nchw = jnp.asarray(rng.normal(size=(2, 32, 8, 8)), jnp.float32)
   temb = jnp.asarray(rng.normal(size=(2, 128)), jnp.float32)
   to_nhwc = lambda a: np.asarray(a).transpose(0, 2, 3, 1)
-  for sd, names in ((small['diffusers_a'], ('to_q', 'to_k', 'to_v', 'to_out.0')),
-                    (small['diffusers_b'], ('query', 'key', 'value', 'proj_attn'))):
+  for sd, names in (
+    (small['diffusers_a'], ('to_q', 'to_k', 'to_v', 'to_out.0')),
+    (small['diffusers_b'], ('query', 'key', 'value', 'proj_attn')),
+  ):
     params = convert.params_from_diffusers(sd, config)
-    ours = models.ResnetBlock(64).apply({'params': params['down_1_block_0']}, x_nchw.transpose(0, 2, 3, 1),
-                                        temb, train=False)
+    ours = models.ResnetBlock(64).apply(
+      {'params': params['down_1_block_0']}, x_nchw.transpose(0, 2, 3, 1), temb, train=False
+    )
     reference = _diffusers_resnet(sd, 'down_blocks.1.resnets.0', x_nchw, temb)
     assert 'nin_shortcut' in params['down_1_block_0']
     np.testing.assert_allclose(np.asarray(ours), to_nhwc(reference), rtol=1e-4, atol=1e-4)
 
     h_nchw = reference
-    ours = models.AttnBlock().apply({'params': params['down_1_attn_0']}, h_nchw.transpose(0, 2, 3, 1))
+    ours = models.AttnBlock().apply(
+      {'params': params['down_1_attn_0']}, h_nchw.transpose(0, 2, 3, 1)
+    )
     reference = _diffusers_attention(sd, 'down_blocks.1.attentions.0', h_nchw, names)
     np.testing.assert_allclose(np.asarray(ours), to_nhwc(reference), rtol=1e-4, atol=1e-4)
 
 
 def test_matches_diffusers_unet2dmodel(small):
   torch = pytest.importorskip('torch', reason='optional: parity with diffusers needs torch')
-  diffusers = pytest.importorskip('diffusers', reason='optional: parity with diffusers needs diffusers')
+  diffusers = pytest.importorskip(
+    'diffusers', reason='optional: parity with diffusers needs diffusers'
+  )
   config = small['config']
   model = diffusers.UNet2DModel.from_config(small_config_json()).eval()
-  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in small['diffusers_a'].items()})
+  model.load_state_dict(
+    {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in small['diffusers_a'].items()}
+  )
   x = np.random.default_rng(3).uniform(-1, 1, size=(2, 3, 16, 16)).astype(np.float32)
   t = np.array([0, 9])
   with torch.no_grad():
     expected = model(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
-  ours = small['forward'](convert.params_from_diffusers(small['diffusers_a'], config),
-                          jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32))
+  ours = small['forward'](
+    convert.params_from_diffusers(small['diffusers_a'], config),
+    jnp.asarray(x.transpose(0, 2, 3, 1)),
+    jnp.asarray(t, jnp.int32),
+  )
   np.testing.assert_allclose(np.asarray(ours), expected.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- strictness
 
 
-def _rewrite(small, tmp_path, edit: Callable[[dict], None] = lambda sd: None,
-             config_edit: Callable[[dict], None] = lambda c: None) -> pathlib.Path:
+def _rewrite(
+  small,
+  tmp_path,
+  edit: Callable[[dict], None] = lambda sd: None,
+  config_edit: Callable[[dict], None] = lambda c: None,
+) -> pathlib.Path:
   """A copy of source A's diffusers folder with its state dict and config.json edited."""
   state_dict, config_json = dict(small['diffusers_a']), small_config_json()
   edit(state_dict)
@@ -365,51 +451,84 @@ def _rewrite(small, tmp_path, edit: Callable[[dict], None] = lambda sd: None,
   return write_diffusers(tmp_path / 'edited', state_dict, config_json)
 
 
-@pytest.mark.parametrize('edit, messages', [
-    (lambda sd: sd.pop('down_blocks.1.attentions.0.to_k.bias'),
-     ['missing (1)', 'down_blocks.1.attentions.0.to_k.bias or down_blocks.1.attentions.0.key.bias [64]']),
-    (lambda sd: sd.update({'down_blocks.1.attentions.0.extra.weight': np.zeros((3,), np.float32)}),
-     ['unexpected (1)', 'down_blocks.1.attentions.0.extra.weight [3]']),
-    (lambda sd: sd.update({'down_blocks.1.resnets.0.conv1.weight': np.zeros((32, 64, 3, 3), np.float32)}),
-     ['mis-shaped (1)', 'down_blocks.1.resnets.0.conv1.weight: stored [32, 64, 3, 3], needs [64, 32, 3, 3] '
-      'for down_1_block_0/conv1/kernel']),
-], ids=['missing', 'unexpected', 'mis-shaped'])
+@pytest.mark.parametrize(
+  'edit, messages',
+  [
+    (
+      lambda sd: sd.pop('down_blocks.1.attentions.0.to_k.bias'),
+      [
+        'missing (1)',
+        'down_blocks.1.attentions.0.to_k.bias or down_blocks.1.attentions.0.key.bias [64]',
+      ],
+    ),
+    (
+      lambda sd: sd.update({'down_blocks.1.attentions.0.extra.weight': np.zeros((3,), np.float32)}),
+      ['unexpected (1)', 'down_blocks.1.attentions.0.extra.weight [3]'],
+    ),
+    (
+      lambda sd: sd.update(
+        {'down_blocks.1.resnets.0.conv1.weight': np.zeros((32, 64, 3, 3), np.float32)}
+      ),
+      [
+        'mis-shaped (1)',
+        'down_blocks.1.resnets.0.conv1.weight: stored [32, 64, 3, 3], needs [64, 32, 3, 3] '
+        'for down_1_block_0/conv1/kernel',
+      ],
+    ),
+  ],
+  ids=['missing', 'unexpected', 'mis-shaped'],
+)
 def test_bad_state_dict_raises_and_writes_nothing(small, tmp_path, edit, messages):
   folder = _rewrite(small, tmp_path, edit)
   with pytest.raises(convert.ConversionError) as error:
-    convert.convert(small['config'], source='diffusers', checkpoint=str(folder), workdir=str(tmp_path / 'run'))
+    convert.convert(
+      small['config'], source='diffusers', checkpoint=str(folder), workdir=str(tmp_path / 'run')
+    )
   for message in messages:
     assert message in str(error.value)
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
 def test_config_json_mismatch_names_each_entry(small, tmp_path):
-  folder = _rewrite(small, tmp_path, config_edit=lambda c: (c.update(layers_per_block=2, freq_shift=0),
-                                                            c.pop('flip_sin_to_cos')))
+  folder = _rewrite(
+    small,
+    tmp_path,
+    config_edit=lambda c: (c.update(layers_per_block=2, freq_shift=0), c.pop('flip_sin_to_cos')),
+  )
   with pytest.raises(convert.ConversionError) as error:
-    convert.convert(small['config'], source='diffusers', checkpoint=str(folder), workdir=str(tmp_path / 'run'))
+    convert.convert(
+      small['config'], source='diffusers', checkpoint=str(folder), workdir=str(tmp_path / 'run')
+    )
   text = str(error.value)
   assert 'mismatches (3)' in text
   assert 'layers_per_block: 2, needs 1 (from --config model.num_res_blocks)' in text
   assert 'freq_shift: 0, needs 1' in text
   assert "flip_sin_to_cos: absent (diffusers' default True), needs False" in text
   assert not (tmp_path / 'run' / 'checkpoints').exists()
-  convert.check_diffusers_config({**CIFAR10_CONFIG_JSON, 'attention_head_dim': 256}, cifar10.get_config())
+  convert.check_diffusers_config(
+    {**CIFAR10_CONFIG_JSON, 'attention_head_dim': 256}, cifar10.get_config()
+  )
   with pytest.raises(convert.ConversionError, match='attention_head_dim: 8, needs null'):
-    convert.check_diffusers_config({**CIFAR10_CONFIG_JSON, 'attention_head_dim': 8}, cifar10.get_config())
+    convert.check_diffusers_config(
+      {**CIFAR10_CONFIG_JSON, 'attention_head_dim': 8}, cifar10.get_config()
+    )
   config = cifar10.get_config()
   config.model.attn_resolutions = (8,)
   with pytest.raises(convert.ConversionError) as error:
     convert.check_diffusers_config(CIFAR10_CONFIG_JSON, config)
-  assert ("down_block_types: ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'], needs "
-          "['DownBlock2D', 'DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D'] "
-          "(from --config model.attn_resolutions)"
-          in str(error.value))
+  assert (
+    "down_block_types: ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'], needs "
+    "['DownBlock2D', 'DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D'] "
+    '(from --config model.attn_resolutions)' in str(error.value)
+  )
   assert 'up_block_types' in str(error.value)
 
 
 def test_tf_checkpoint_without_ema_or_with_extras_raises(small):
-  variables = dict(small['tf_a']) | {'model/extra/W': np.zeros((2,), np.float32), 'model/conv_in/W/Adam': 0}
+  variables = dict(small['tf_a']) | {
+    'model/extra/W': np.zeros((2,), np.float32),
+    'model/conv_in/W/Adam': 0,
+  }
   with pytest.raises(convert.ConversionError) as error:
     convert.params_from_tf(variables, small['config'])
   text = str(error.value)
@@ -426,7 +545,9 @@ def test_bin_without_torch_and_missing_files_raise_clearly(small, tmp_path, monk
   monkeypatch.setitem(sys.modules, 'torch', None)
   with pytest.raises(convert.ConversionError, match='PyTorch is not installed'):
     convert.read_diffusers(folder)
-  with pytest.raises(convert.ConversionError, match='No diffusion_pytorch_model.safetensors or .*bin in'):
+  with pytest.raises(
+    convert.ConversionError, match='No diffusion_pytorch_model.safetensors or .*bin in'
+  ):
     convert.read_diffusers(tmp_path)
   (folder / 'config.json').unlink()
   with pytest.raises(convert.ConversionError, match='No config.json beside'):
@@ -438,21 +559,29 @@ def test_bin_without_torch_and_missing_files_raise_clearly(small, tmp_path, monk
 
 def _restore(config, workdir):
   manager = train.checkpoint_manager(workdir, config, read_only=True)
-  abstract = train.abstract_train_state(config, train.create_model(config), train.create_optimizer(config),
-                                        sampling.make_mesh())
+  abstract = train.abstract_train_state(
+    config, train.create_model(config), train.create_optimizer(config), sampling.make_mesh()
+  )
   return train.restore_state(manager, abstract)
 
 
 def test_diffusers_to_checkpoint_with_ema_file_and_refuses_to_overwrite(small, tmp_path):
   config, workdir = small['config'], str(tmp_path / 'run')
-  step = convert.convert(config, source='diffusers', checkpoint=str(small['folder_a']), workdir=workdir,
-                         ema_checkpoint=str(small['folder_b'] / 'diffusion_pytorch_model.safetensors'))
+  step = convert.convert(
+    config,
+    source='diffusers',
+    checkpoint=str(small['folder_a']),
+    workdir=workdir,
+    ema_checkpoint=str(small['folder_b'] / 'diffusion_pytorch_model.safetensors'),
+  )
   assert step == 0
   state = _restore(config, workdir)
   assert int(state.step) == 0
   assert_trees_equal(state.params, convert.params_from_diffusers(small['diffusers_a'], config))
   assert_trees_equal(state.ema_params, convert.params_from_diffusers(small['diffusers_b'], config))
-  assert not any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(state.opt_state))  # fresh Adam
+  assert not any(
+    np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(state.opt_state)
+  )  # fresh Adam
   np.testing.assert_array_equal(np.asarray(state.rng), np.asarray(jax.random.PRNGKey(config.seed)))
   with pytest.raises(convert.ConversionError, match='already holds checkpoints'):
     convert.convert(config, source='diffusers', checkpoint=str(small['folder_a']), workdir=workdir)
@@ -460,10 +589,15 @@ def test_diffusers_to_checkpoint_with_ema_file_and_refuses_to_overwrite(small, t
 
 def test_tf_to_checkpoint_then_sample(small, tmp_path):
   config, workdir = small['config'], str(tmp_path / 'run')
-  assert convert.convert(config, source='tf', checkpoint=small['tf_checkpoint'], workdir=workdir) == TF_STEP
+  assert (
+    convert.convert(config, source='tf', checkpoint=small['tf_checkpoint'], workdir=workdir)
+    == TF_STEP
+  )
   state = _restore(config, workdir)
   assert int(state.step) == TF_STEP
-  params, ema_params = convert.params_from_tf(convert.read_tf_checkpoint(small['tf_checkpoint'])[0], config)
+  params, ema_params = convert.params_from_tf(
+    convert.read_tf_checkpoint(small['tf_checkpoint'])[0], config
+  )
   assert_trees_equal(state.params, params)
   assert_trees_equal(state.ema_params, ema_params)
   images = train.sample_from_checkpoint(config, workdir, num_samples=8)
@@ -472,11 +606,25 @@ def test_tf_to_checkpoint_then_sample(small, tmp_path):
 
 
 def test_command_line(small, tmp_path):
-  run = subprocess.run([sys.executable, '-m', 'diffusion_jax.convert', '--source=diffusers',
-                        f'--checkpoint={small["folder_a"]}', f'--config={ROOT / "configs" / "cifar10.py"}',
-                        '--config.dataset.image_size=16', '--config.model.ch=32',
-                        '--config.model.ch_mult=(1,2)', '--config.model.num_res_blocks=1',
-                        '--config.model.attn_resolutions=(8,)',
-                        f'--workdir={tmp_path / "run"}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  run = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'diffusion_jax.convert',
+      '--source=diffusers',
+      f'--checkpoint={small["folder_a"]}',
+      f'--config={ROOT / "configs" / "cifar10.py"}',
+      '--config.dataset.image_size=16',
+      '--config.model.ch=32',
+      '--config.model.ch_mult=(1,2)',
+      '--config.model.num_res_blocks=1',
+      '--config.model.attn_resolutions=(8,)',
+      f'--workdir={tmp_path / "run"}',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   assert (tmp_path / 'run' / 'checkpoints' / '0').is_dir()

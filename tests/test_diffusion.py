@@ -1,15 +1,15 @@
 """The diffusion math against independent float64 references (closed forms, Monte Carlo)."""
+
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gaussian_reference import MU, S, discretized_entropy_bits, expected_bound_bits, optimal_eps_fn
 from scipy import stats
 
 from diffusion_jax import diffusion
-from gaussian_reference import (MU, S, discretized_entropy_bits, expected_bound_bits,
-                                optimal_eps_fn)
 
 T = 1000
 PAPER = dict(beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=T)
@@ -36,13 +36,16 @@ def test_linear_schedule_is_the_papers():
   np.testing.assert_allclose(betas, paper_betas(), rtol=1e-12)
 
 
-@pytest.mark.parametrize('kind,expected', [
-    ('quad', lambda i, n: (1e-2 + (0.02**0.5 - 1e-2) * i / (n - 1))**2),
+@pytest.mark.parametrize(
+  'kind,expected',
+  [
+    ('quad', lambda i, n: (1e-2 + (0.02**0.5 - 1e-2) * i / (n - 1)) ** 2),
     ('const', lambda i, n: 0.02),
     ('jsd', lambda i, n: 1.0 / (n - i)),
     ('warmup10', lambda i, n: 1e-4 + (0.02 - 1e-4) * i / 99 if i < 100 else 0.02),
     ('warmup50', lambda i, n: 1e-4 + (0.02 - 1e-4) * i / 499 if i < 500 else 0.02),
-])
+  ],
+)
 def test_other_schedules(kind, expected):
   betas = diffusion.get_beta_schedule(kind, **PAPER)
   np.testing.assert_allclose(betas, [expected(i, T) for i in range(T)], rtol=1e-12)
@@ -50,7 +53,7 @@ def test_other_schedules(kind, expected):
 
 def test_cosine_schedule():
   betas = diffusion.get_beta_schedule('cosine', **PAPER)
-  f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2)**2
+  f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
   alpha_bar = [f(t + 1) / f(0) for t in range(T)]
   np.testing.assert_allclose(cumprod_loop(betas)[:-1], alpha_bar[:-1], rtol=1e-9)
   assert betas.max() <= 0.999
@@ -95,8 +98,9 @@ def test_fixedlarge_uses_betas_and_first_step_convention():
   t = jnp.array([0, 1, 999])
   out = d.p_mean_variance(jnp.zeros_like(x), x, t)
   np.testing.assert_allclose(out['variance'][:, 0], betas[[0, 1, 999]], rtol=2e-6)
-  np.testing.assert_allclose(out['log_variance'][:, 0],
-                             np.log([beta_tilde_1, betas[1], betas[999]]), rtol=2e-6)
+  np.testing.assert_allclose(
+    out['log_variance'][:, 0], np.log([beta_tilde_1, betas[1], betas[999]]), rtol=2e-6
+  )
 
 
 def test_q_sample_moments_by_monte_carlo(paper_diffusion):
@@ -126,14 +130,15 @@ def test_posterior_is_the_product_of_gaussians(paper_diffusion):
   rng = np.random.default_rng(0)
   x0, xt = rng.uniform(-1, 1, (4, 5)), rng.normal(size=(4, 5))
   steps = np.array([1, 10, 500, 999])
-  mean, var, _ = paper_diffusion.q_posterior_mean_variance(jnp.asarray(x0, jnp.float32),
-                                                           jnp.asarray(xt, jnp.float32),
-                                                           jnp.asarray(steps))
+  mean, var, _ = paper_diffusion.q_posterior_mean_variance(
+    jnp.asarray(x0, jnp.float32), jnp.asarray(xt, jnp.float32), jnp.asarray(steps)
+  )
   for i, s in enumerate(steps):
     precision = (1 - betas[s]) / betas[s] + 1 / (1 - ac[s - 1])
     ref_var = 1 / precision
-    ref_mean = ref_var * (math.sqrt(1 - betas[s]) * xt[i] / betas[s]
-                          + math.sqrt(ac[s - 1]) * x0[i] / (1 - ac[s - 1]))
+    ref_mean = ref_var * (
+      math.sqrt(1 - betas[s]) * xt[i] / betas[s] + math.sqrt(ac[s - 1]) * x0[i] / (1 - ac[s - 1])
+    )
     np.testing.assert_allclose(var[i, 0], ref_var, rtol=1e-5)
     np.testing.assert_allclose(mean[i], ref_mean, rtol=1e-4, atol=1e-5)
 
@@ -153,7 +158,8 @@ def test_decoder_bins_sum_to_one_and_match_the_cdf():
   values = jnp.linspace(-1.0, 1.0, 256)
   for mean, log_scale in ((0.0, -3.0), (0.9, -5.0), (-0.97, -1.0), (0.01, -7.0)):
     logp = diffusion.discretized_gaussian_log_likelihood(
-        values, means=jnp.full(256, mean), log_scales=jnp.full(256, log_scale))
+      values, means=jnp.full(256, mean), log_scales=jnp.full(256, log_scale)
+    )
     p = np.exp(np.asarray(logp, np.float64))
     assert abs(p.sum() - 1.0) < 1e-4, (mean, log_scale, p.sum())
     edges = np.concatenate([[-np.inf], (np.arange(255) + 0.5) / 127.5 - 1, [np.inf]])
@@ -185,14 +191,19 @@ def test_perfect_model_has_zero_loss_and_true_posterior(mean_type):
   coef1 = np.sqrt(ac[steps - 1]) * betas[steps] / (1 - ac[steps])
   coef2 = np.sqrt(1 - betas[steps]) * (1 - ac[steps - 1]) / (1 - ac[steps])
   mu_tilde = coef1[:, None] * x0 + coef2[:, None] * xt
-  target = {'eps': noise, 'xstart': x0, 'xprev': mu_tilde,
-            'v': np.sqrt(ac[steps])[:, None] * noise - np.sqrt(1 - ac[steps])[:, None] * x0
-            }[mean_type].astype(np.float32)
-  losses = d.training_losses(lambda x, t: jnp.asarray(target), jnp.asarray(x0), jnp.asarray(steps),
-                             jnp.asarray(noise))
+  target = {
+    'eps': noise,
+    'xstart': x0,
+    'xprev': mu_tilde,
+    'v': np.sqrt(ac[steps])[:, None] * noise - np.sqrt(1 - ac[steps])[:, None] * x0,
+  }[mean_type].astype(np.float32)
+  losses = d.training_losses(
+    lambda x, t: jnp.asarray(target), jnp.asarray(x0), jnp.asarray(steps), jnp.asarray(noise)
+  )
   np.testing.assert_allclose(losses, 0.0, atol=1e-5)
-  out = d.p_mean_variance(jnp.asarray(target), jnp.asarray(xt, jnp.float32), jnp.asarray(steps),
-                          clip_denoised=False)
+  out = d.p_mean_variance(
+    jnp.asarray(target), jnp.asarray(xt, jnp.float32), jnp.asarray(steps), clip_denoised=False
+  )
   np.testing.assert_allclose(out['pred_xstart'], x0, atol=5e-3 if mean_type == 'xprev' else 1e-3)
   np.testing.assert_allclose(out['mean'], mu_tilde, atol=1e-4)
 
@@ -209,11 +220,26 @@ def test_kl_loss_is_the_bound_term():
   np.testing.assert_allclose(losses, terms, rtol=1e-6)
   # t = 0 is the decoder NLL (Eq. 13); t > 0 a KL, so non-negative.
   out = d.p_mean_variance(model_fn(xt, t), xt, t, clip_denoised=False)
-  nll = -np.mean(np.log(np.maximum(np.diff(stats.norm.cdf(
-      np.stack([np.where(x0[0] < -0.999, -np.inf, x0[0] - 1 / 255),
-                np.where(x0[0] > 0.999, np.inf, x0[0] + 1 / 255)]),
-      np.asarray(out['mean'][0], np.float64),
-      np.exp(0.5 * np.asarray(out['log_variance'][0], np.float64))), axis=0), 1e-12))) / math.log(2)
+  nll = -np.mean(
+    np.log(
+      np.maximum(
+        np.diff(
+          stats.norm.cdf(
+            np.stack(
+              [
+                np.where(x0[0] < -0.999, -np.inf, x0[0] - 1 / 255),
+                np.where(x0[0] > 0.999, np.inf, x0[0] + 1 / 255),
+              ]
+            ),
+            np.asarray(out['mean'][0], np.float64),
+            np.exp(0.5 * np.asarray(out['log_variance'][0], np.float64)),
+          ),
+          axis=0,
+        ),
+        1e-12,
+      )
+    )
+  ) / math.log(2)
   np.testing.assert_allclose(losses[0], nll, rtol=1e-4)
   assert losses[1] >= 0
 
@@ -234,8 +260,11 @@ def test_is_a_pytree_usable_in_jit(paper_diffusion):
     return d.q_sample(x0, t, noise)
 
   x0 = jnp.ones((2, 3))
-  np.testing.assert_allclose(f(paper_diffusion, x0, jnp.array([0, 1]), x0),
-                             paper_diffusion.q_sample(x0, jnp.array([0, 1]), x0), rtol=1e-6)
+  np.testing.assert_allclose(
+    f(paper_diffusion, x0, jnp.array([0, 1]), x0),
+    paper_diffusion.q_sample(x0, jnp.array([0, 1]), x0),
+    rtol=1e-6,
+  )
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -252,8 +281,9 @@ def test_sampler_is_one_compiled_scan_and_deterministic():
   sample = jax.jit(lambda rng: d.p_sample_loop(model_fn, (2, 4, 4, 1), rng))
   a = sample(jax.random.PRNGKey(0))
   assert len(calls) == 1, 'model_fn must be traced once, not called once per step'
-  jaxpr = str(jax.make_jaxpr(lambda rng: d.p_sample_loop(model_fn, (2, 4, 4, 1), rng))(
-      jax.random.PRNGKey(0)))
+  jaxpr = str(
+    jax.make_jaxpr(lambda rng: d.p_sample_loop(model_fn, (2, 4, 4, 1), rng))(jax.random.PRNGKey(0))
+  )
   assert 'scan' in jaxpr
   np.testing.assert_array_equal(a, sample(jax.random.PRNGKey(0)))
   assert not np.allclose(a, sample(jax.random.PRNGKey(1)))
@@ -300,7 +330,9 @@ def test_optimal_eps_minimizes_l_simple():
     if step == 0:
       continue  # the optimal ε there is ~1e-2 x_t: a slope change is below Monte Carlo error
     for scale in (0.9, 1.1):
-      worse = float(jnp.mean(d.training_losses(optimal_eps_fn(ac, slope_scale=scale), x0, t, noise)))
+      worse = float(
+        jnp.mean(d.training_losses(optimal_eps_fn(ac, slope_scale=scale), x0, t, noise))
+      )
       assert worse > loss
 
 
@@ -310,7 +342,8 @@ def test_sampler_with_optimal_eps_draws_the_data_distribution(var_type):
   d = diffusion.GaussianDiffusion(paper_betas(), 'eps', var_type, 'mse')
   n, dim = 4096, 4
   x = jax.jit(lambda rng: d.p_sample_loop(optimal_eps_fn(ac), (n, dim), rng, clip_denoised=False))(
-      jax.random.PRNGKey(6))
+    jax.random.PRNGKey(6)
+  )
   x = np.asarray(x, np.float64).ravel()
   m = n * dim
   assert abs(x.mean() - MU) < 5 * S / math.sqrt(m)
@@ -332,10 +365,12 @@ def test_bits_per_dim_of_optimal_model_matches_closed_form_above_the_entropy():
   n, dim = 256, 16
   x0 = np.clip(np.round((rng.normal(MU, S, (n, dim)) + 1) * 127.5), 0, 255) / 127.5 - 1
   out = jax.jit(lambda x, r: d.calc_bpd_loop(optimal_eps_fn(ac), x, r, clip_denoised=False))(
-      jnp.asarray(x0, jnp.float32), jax.random.PRNGKey(8))
+    jnp.asarray(x0, jnp.float32), jax.random.PRNGKey(8)
+  )
   assert out['terms_bpd'].shape == (n, T) and out['prior_bpd'].shape == (n,)
-  np.testing.assert_allclose(out['total_bpd'], out['terms_bpd'].sum(1) + out['prior_bpd'],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    out['total_bpd'], out['terms_bpd'].sum(1) + out['prior_bpd'], rtol=1e-5
+  )
   bpd = np.asarray(out['total_bpd'], np.float64)
   mean, se = bpd.mean(), bpd.std() / math.sqrt(n)
   expected = expected_bound_bits(paper_betas(), MU, S)

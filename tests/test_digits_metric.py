@@ -1,5 +1,6 @@
 """Digits domain metric: the cached, deterministic classifier, FD / confidence / class balance on real digits
 and on inputs that must fail (noise, blank), and the command line (tmp data dir, no network)."""
+
 import os
 import pathlib
 import subprocess
@@ -31,7 +32,9 @@ def config(data_dir):
 
 @pytest.fixture(scope='session')
 def classifier(config):
-  return dm.load_or_train_classifier(config)  # trains once (~15-30 s on 2 cores), caches under data_dir
+  return dm.load_or_train_classifier(
+    config
+  )  # trains once (~15-30 s on 2 cores), caches under data_dir
 
 
 @pytest.fixture(scope='session')
@@ -62,13 +65,17 @@ def test_classifier_accuracy_and_test_split(classifier, test_digits):
 def test_training_is_deterministic_and_cached(config, classifier, monkeypatch):
   path = dm.classifier_path(dm.default_cache_dir(config))
   assert path.exists() and path.parent.name == 'sklearn_digits_classifier'
-  assert dm.classifier_key() in path.name and dm.VERSION in path.name and dm.VERSION != 'digits-cnn-v1'
+  assert (
+    dm.classifier_key() in path.name and dm.VERSION in path.name and dm.VERSION != 'digits-cnn-v1'
+  )
   images, labels = dm.load_split(config, 'train')
   # Determinism on short runs (the full run takes ~15 s; it is a loop of these same steps).
   first = dm.train_params(images, labels, steps=40)
   assert_same_params(dm.train_params(images, labels, steps=40), first)
   other_seed = dm.train_params(images, labels, steps=40, seed=1)
-  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other_seed)))
+  assert not all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other_seed))
+  )
 
   def fail(*args, **kwargs):
     raise AssertionError('the cached classifier should have been loaded')
@@ -87,7 +94,7 @@ def test_bad_cache_is_retrained(config, classifier, tmp_path, monkeypatch, damag
   if damage == 'garbage':
     path.write_bytes(b'not an npz')
   elif damage == 'truncated':
-    path.write_bytes(good[:len(good) // 2])
+    path.write_bytes(good[: len(good) // 2])
   else:
     params = classifier.params
     if damage == 'wrong_shapes':
@@ -105,7 +112,9 @@ def test_bad_cache_is_retrained(config, classifier, tmp_path, monkeypatch, damag
   assert calls == [1]
   assert_same_params(retrained.params, classifier.params)
   assert retrained.test_accuracy == pytest.approx(classifier.test_accuracy)
-  assert_same_params(dm.load_or_train_classifier(config, cache_dir=tmp_path).params, classifier.params)
+  assert_same_params(
+    dm.load_or_train_classifier(config, cache_dir=tmp_path).params, classifier.params
+  )
   assert calls == [1]  # the rewritten cache loads
 
 
@@ -117,7 +126,7 @@ def test_features_and_probs(classifier, test_digits):
   many = np.concatenate([images] * 4)  # 1200 images: batches of 500, the last one padded
   many_features = classifier.features_and_probs(many)[0]
   for start in (0, 600, 900):  # images 0..6 in the first, second and last (padded) batch
-    np.testing.assert_allclose(many_features[start:start + 7], features, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(many_features[start : start + 7], features, rtol=1e-5, atol=1e-5)
   with pytest.raises(TypeError, match='uint8'):
     classifier.features_and_probs(images.astype(np.float32) / 127.5 - 1)
   with pytest.raises(ValueError, match=r'\[N, 8, 8, 1\]'):
@@ -129,7 +138,9 @@ def test_features_and_probs(classifier, test_digits):
 def test_reference_stats_are_cached(config, classifier, train_ref, monkeypatch):
   cache = dm.default_cache_dir(config)
   assert (cache / f'ref_{classifier.key}_train_n1497.npz').exists()
-  monkeypatch.setattr(dm, 'feature_stats', lambda *a: pytest.fail('reference stats were recomputed'))
+  monkeypatch.setattr(
+    dm, 'feature_stats', lambda *a: pytest.fail('reference stats were recomputed')
+  )
   mu, sigma = dm.reference_stats(config, 'train', classifier=classifier)
   np.testing.assert_array_equal(mu, train_ref[0])
   np.testing.assert_array_equal(sigma, train_ref[1])
@@ -142,7 +153,9 @@ def test_real_digits_score_well(config, classifier, test_digits, train_ref):
   metrics = dm.digits_metrics(classifier, test_digits[0], train_ref)
   assert metrics['num_images'] == 300
   assert metrics['confident_fraction'] >= 0.8
-  assert len(metrics['class_histogram']) == 10 and sum(metrics['class_histogram']) == pytest.approx(1.0)
+  assert len(metrics['class_histogram']) == 10 and sum(metrics['class_histogram']) == pytest.approx(
+    1.0
+  )
   assert 0.05 <= metrics['min_class_fraction'] <= metrics['max_class_fraction'] <= 0.15
   assert 0 <= metrics['fd'] < 15
   baseline = dm.real_digits_baseline(config, classifier=classifier)
@@ -150,7 +163,9 @@ def test_real_digits_score_well(config, classifier, test_digits, train_ref):
   assert {k: v for k, v in baseline.items() if k != 'accuracy'} == metrics
 
 
-@pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')  # blank images: all-zero feature covariance
+@pytest.mark.filterwarnings(
+  'ignore::scipy.linalg.LinAlgWarning'
+)  # blank images: all-zero feature covariance
 def test_noise_and_blank_images_fail(classifier, test_digits, train_ref):
   real = dm.digits_metrics(classifier, test_digits[0], train_ref)
   rng = np.random.default_rng(0)
@@ -189,16 +204,25 @@ def test_samples_report_matches_image_counts(config, classifier, test_digits):
   assert few['num_images'] == 100 and baseline['split'] == 'test' and 'fd_n100' in baseline
   assert baseline['fd_n100'] > baseline['fd']  # FD grows as the image count falls
   many, _ = dm.samples_report(config, np.concatenate([test_digits[0]] * 2))
-  assert many['fd_n300'] == pytest.approx(baseline['fd'], rel=1e-6)  # two identical chunks of the test split
+  assert many['fd_n300'] == pytest.approx(
+    baseline['fd'], rel=1e-6
+  )  # two identical chunks of the test split
 
 
 def test_command_line(config, classifier, test_digits, tmp_path):
   npz = tmp_path / 'samples.npz'
   np.savez_compressed(npz, images=np.concatenate([test_digits[0]] * 2), step=np.int64(7))
   env = {**os.environ, 'PYTHONPATH': str(REPO)}
-  command = [sys.executable, '-m', 'diffusion_jax.digits_metric', f'--npz={npz}',
-             f'--data_dir={config.dataset.data_dir}']
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+  command = [
+    sys.executable,
+    '-m',
+    'diffusion_jax.digits_metric',
+    f'--npz={npz}',
+    f'--data_dir={config.dataset.data_dir}',
+  ]
+  result = subprocess.run(
+    command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'trained the digits classifier' not in result.stderr  # used the cache
   out = result.stdout

@@ -1,5 +1,6 @@
 """Evaluation on 8 CPU devices: the sharded bound against its closed form and against the unsharded
 one, padding, the CSV and plot, the digits and Inception sample metrics, and --mode=eval end to end."""
+
 import json
 import math
 
@@ -10,13 +11,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax.traverse_util import unflatten_dict
+from gaussian_reference import MU, S, expected_bound_bits, optimal_eps_fn
 
 from configs import digits
 from diffusion_jax import diffusion, evaluate, fid, input_pipeline, sampling, train
-from gaussian_reference import MU, S, expected_bound_bits, optimal_eps_fn
 
-BETAS = diffusion.get_beta_schedule('linear', beta_start=1e-4, beta_end=0.02,
-                                    num_diffusion_timesteps=1000)
+BETAS = diffusion.get_beta_schedule(
+  'linear', beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=1000
+)
 NUM_EXAMPLES, DIM = 240, 16
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -43,10 +45,14 @@ def batched(x: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
   """Batches of `batch_size` rows; the last one padded with NaN rows of mask 0."""
   batches = []
   for start in range(0, len(x), batch_size):
-    rows = x[start:start + batch_size]
+    rows = x[start : start + batch_size]
     pad = batch_size - len(rows)
-    batches.append({'image': np.concatenate([rows, np.full((pad, *x.shape[1:]), np.nan, x.dtype)]),
-                    'mask': np.concatenate([np.ones(len(rows)), np.zeros(pad)]).astype(np.float32)})
+    batches.append(
+      {
+        'image': np.concatenate([rows, np.full((pad, *x.shape[1:]), np.nan, x.dtype)]),
+        'mask': np.concatenate([np.ones(len(rows)), np.zeros(pad)]).astype(np.float32),
+      }
+    )
   return batches
 
 
@@ -57,9 +63,12 @@ def padded_run(gaussian, mesh):
   bpd_fn = evaluate.make_bpd_fn(apply_fn, d, mesh, clip_denoised=False)
   rng = jax.random.PRNGKey(8)
   batches = batched(x0, 128)
-  per_example = np.concatenate([
+  per_example = np.concatenate(
+    [
       np.asarray(bpd_fn(None, jnp.asarray(b['image']), jnp.asarray(b['mask']), 128 * i, rng)[0])
-      for i, b in enumerate(batches)])
+      for i, b in enumerate(batches)
+    ]
+  )
   result = evaluate.nll_bits_per_dim(bpd_fn, None, batches, mesh, rng)
   return per_example[:NUM_EXAMPLES], result, rng
 
@@ -68,10 +77,13 @@ def test_sharded_bound_is_the_unsharded_one_and_matches_the_closed_form(gaussian
   d, _, x0 = gaussian
   per_example, result, rng = padded_run
   eps_fn = optimal_eps_fn(np.cumprod(1 - BETAS))
-  unsharded = jax.jit(lambda x, key: d.calc_bpd_loop(eps_fn, x, key, clip_denoised=False)['total_bpd'])
+  unsharded = jax.jit(
+    lambda x, key: d.calc_bpd_loop(eps_fn, x, key, clip_denoised=False)['total_bpd']
+  )
   for i in (0, 17, 100, 130, 239):  # several devices of both batches
-    np.testing.assert_allclose(per_example[i], unsharded(x0[i:i + 1], jax.random.fold_in(rng, i))[0],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      per_example[i], unsharded(x0[i : i + 1], jax.random.fold_in(rng, i))[0], rtol=1e-5
+    )
   assert result.num_examples == NUM_EXAMPLES
   np.testing.assert_allclose(result.total_bpd, per_example.mean(), rtol=1e-5)
   se = per_example.std() / math.sqrt(NUM_EXAMPLES)
@@ -82,7 +94,9 @@ def test_masked_padding_does_not_change_the_average(gaussian, padded_run, mesh):
   d, apply_fn, x0 = gaussian
   _, padded, rng = padded_run
   bpd_fn = evaluate.make_bpd_fn(apply_fn, d, mesh, clip_denoised=False)
-  unpadded = evaluate.nll_bits_per_dim(bpd_fn, None, batched(x0, 120), mesh, rng)  # same example ids
+  unpadded = evaluate.nll_bits_per_dim(
+    bpd_fn, None, batched(x0, 120), mesh, rng
+  )  # same example ids
   assert unpadded.num_examples == padded.num_examples == NUM_EXAMPLES
   np.testing.assert_allclose(padded.total_bpd, unpadded.total_bpd, rtol=1e-5)
   np.testing.assert_allclose(padded.prior_bpd, unpadded.prior_bpd, rtol=1e-5)
@@ -94,13 +108,16 @@ def test_csv_rows_sum_to_the_total_and_plot_is_a_png(padded_run, tmp_path):
   evaluate.write_nll_csv(tmp_path / 'nll.csv', result)
   evaluate.plot_nll(tmp_path / 'nll.png', result)
   assert (tmp_path / 'nll.csv').read_text().splitlines()[0] == (
-      't,term_bpd,cumulative_rate_bpd,distortion_rmse')
+    't,term_bpd,cumulative_rate_bpd,distortion_rmse'
+  )
   table = np.genfromtxt(tmp_path / 'nll.csv', delimiter=',', names=True)
   assert len(table) == len(BETAS)
   np.testing.assert_array_equal(table['t'], np.arange(len(BETAS)))
-  np.testing.assert_allclose(table['term_bpd'].sum() + result.prior_bpd, result.total_bpd, rtol=1e-6)
+  np.testing.assert_allclose(
+    table['term_bpd'].sum() + result.prior_bpd, result.total_bpd, rtol=1e-6
+  )
   np.testing.assert_allclose(table['cumulative_rate_bpd'][0], result.total_bpd, rtol=1e-6)
-  assert table['distortion_rmse'][0] == 0 and np.all(np.diff(table["cumulative_rate_bpd"]) <= 1e-6)
+  assert table['distortion_rmse'][0] == 0 and np.all(np.diff(table['cumulative_rate_bpd']) <= 1e-6)
   assert (tmp_path / 'nll.png').read_bytes()[:8] == PNG_MAGIC
 
 
@@ -109,10 +126,20 @@ def test_csv_rows_sum_to_the_total_and_plot_is_a_png(padded_run, tmp_path):
 
 def eval_section(**overrides) -> ml_collections.ConfigDict:
   """The eval.* fields of configs/default.py at test sizes."""
-  section = ml_collections.ConfigDict(dict(
-      metrics='digits', num_samples=20, batch_size=16, every_steps=0, in_loop_num_samples=16,
-      inception_path=None, reference_split='train', reference_dir=None, nll_split='test',
-      nll_num_examples=16))
+  section = ml_collections.ConfigDict(
+    dict(
+      metrics='digits',
+      num_samples=20,
+      batch_size=16,
+      every_steps=0,
+      in_loop_num_samples=16,
+      inception_path=None,
+      reference_split='train',
+      reference_dir=None,
+      nll_split='test',
+      nll_num_examples=16,
+    )
+  )
   section.update(overrides)
   return section
 
@@ -146,7 +173,9 @@ def test_evaluate_checkpoint_writes_the_digits_report(checkpointed_run):
   report = evaluate.evaluate_checkpoint(config, str(workdir), config_name='configs/digits.py')
   out = workdir / 'eval' / 'step_7'
   assert json.loads((out / 'report.json').read_text()) == report
-  assert report['step'] == 7 and report['num_samples'] == 20 and report['config'] == 'configs/digits.py'
+  assert (
+    report['step'] == 7 and report['num_samples'] == 20 and report['config'] == 'configs/digits.py'
+  )
   assert (report['reference_split'], report['reference_count']) == ('train', 1497)
   assert (report['nll_split'], report['nll_num_examples']) == ('test[:16]', 16)
   metrics = report['metrics']
@@ -155,7 +184,9 @@ def test_evaluate_checkpoint_writes_the_digits_report(checkpointed_run):
   assert len(metrics['digits_class_histogram']) == 10 and metrics['bpd'] > 0
   terms = np.genfromtxt(out / 'nll_terms.csv', delimiter=',', names=True)
   assert len(terms) == config.diffusion.num_diffusion_timesteps
-  np.testing.assert_allclose(terms['term_bpd'].sum() + metrics['bpd_prior'], metrics['bpd'], rtol=1e-5)
+  np.testing.assert_allclose(
+    terms['term_bpd'].sum() + metrics['bpd_prior'], metrics['bpd'], rtol=1e-5
+  )
   for png in ('samples.png', 'nll_terms.png'):
     assert (out / png).read_bytes()[:8] == PNG_MAGIC
   assert list(workdir.glob('events.out.tfevents.*'))
@@ -190,11 +221,16 @@ def test_missing_checkpoint_is_a_clear_error(data_dir, tmp_path):
 
 def test_inception_without_weights_names_the_field_and_the_conversion(data_dir, tmp_path, mesh):
   config = tiny_config(data_dir, metrics='inception')
-  with pytest.raises(train.SetupError, match=r'config\.eval\.inception_path(.|\n)*'
-                                             r'python -m diffusion_jax\.fid --pytorch_fid_weights='):
+  with pytest.raises(
+    train.SetupError,
+    match=r'config\.eval\.inception_path(.|\n)*'
+    r'python -m diffusion_jax\.fid --pytorch_fid_weights=',
+  ):
     evaluate.evaluate_checkpoint(config, str(tmp_path))
   config.eval.inception_path = str(tmp_path / 'missing.npz')
-  with pytest.raises(train.SetupError, match=r'config\.eval\.inception_path(.|\n)*diffusion_jax\.fid'):
+  with pytest.raises(
+    train.SetupError, match=r'config\.eval\.inception_path(.|\n)*diffusion_jax\.fid'
+  ):
     evaluate.make_scorer(config, tmp_path, mesh)
 
 
@@ -218,18 +254,33 @@ def random_inception(tmp_path_factory) -> str:
 
 
 @pytest.mark.filterwarnings('ignore:Matrix is singular')  # 10 samples in 2048 dimensions
-def test_inception_metrics_with_cached_reference(data_dir, random_inception, mesh, tmp_path,
-                                                 monkeypatch):
-  config = tiny_config(data_dir, metrics='inception', inception_path=random_inception,
-                       reference_split='test[:8]', reference_dir=str(tmp_path / 'stats'),
-                       num_samples=10, batch_size=8)
+def test_inception_metrics_with_cached_reference(
+  data_dir, random_inception, mesh, tmp_path, monkeypatch
+):
+  config = tiny_config(
+    data_dir,
+    metrics='inception',
+    inception_path=random_inception,
+    reference_split='test[:8]',
+    reference_dir=str(tmp_path / 'stats'),
+    num_samples=10,
+    batch_size=8,
+  )
   model = train.create_model(config)
   state = train.init_train_state(config, model, train.create_optimizer(config), mesh)
-  evaluator = evaluate.build_evaluator(config, tmp_path, model,
-                                       diffusion.GaussianDiffusion.from_config(config.diffusion),
-                                       mesh, num_samples=10, nll_split=None)
+  evaluator = evaluate.build_evaluator(
+    config,
+    tmp_path,
+    model,
+    diffusion.GaussianDiffusion.from_config(config.diffusion),
+    mesh,
+    num_samples=10,
+    nll_split=None,
+  )
   size = config.dataset.image_size
-  assert [p.name for p in (tmp_path / 'stats').iterdir()] == [f'sklearn_digits_{size}px_test_8_8.npz']
+  assert [p.name for p in (tmp_path / 'stats').iterdir()] == [
+    f'sklearn_digits_{size}px_test_8_8.npz'
+  ]
   assert (evaluator.scorer.reference_split, evaluator.scorer.reference_count) == ('test[:8]', 8)
   metrics = evaluator(state.ema_params).metrics
   assert np.isfinite(metrics['fid']) and metrics['fid'] >= 0

@@ -1,5 +1,6 @@
 """Input pipeline: the offline digits builder, per-process shares, resumable train order, flips,
 missing-data errors and padded eval batches (simulated hosts, tmp data dirs, no network)."""
+
 import collections
 import pathlib
 import time
@@ -7,10 +8,10 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-from sklearn import datasets as sk_datasets
-from sklearn import model_selection
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from sklearn import datasets as sk_datasets
+from sklearn import model_selection
 
 from configs import default
 from diffusion_jax import input_pipeline
@@ -48,8 +49,14 @@ def test_digits_builder_matches_sklearn(digits_dir):
   builder = tfds.builder('sklearn_digits', data_dir=str(digits_dir))
   assert builder.is_prepared() and str(builder.version) == '2.0.0'
   digits = sk_datasets.load_digits()
-  indices = dict(zip(('train', 'test'), model_selection.train_test_split(
-      np.arange(len(digits.target)), test_size=NUM_TEST, stratify=digits.target, random_state=0)))
+  indices = dict(
+    zip(
+      ('train', 'test'),
+      model_selection.train_test_split(
+        np.arange(len(digits.target)), test_size=NUM_TEST, stratify=digits.target, random_state=0
+      ),
+    )
+  )
   for split, size in (('train', NUM_TRAIN), ('test', NUM_TEST)):
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     images, labels = data['image'], data['label']
@@ -70,12 +77,17 @@ def test_process_shares_partition_the_split(digits_dir, process_count):
   read_config = tfds.ReadConfig(add_tfds_id=True)
 
   def ids(split):
-    ds = builder.as_dataset(split=split, batch_size=-1, read_config=read_config,
-                            decoders={'image': tfds.decode.SkipDecoding()})
+    ds = builder.as_dataset(
+      split=split,
+      batch_size=-1,
+      read_config=read_config,
+      decoders={'image': tfds.decode.SkipDecoding()},
+    )
     return list(tfds.as_numpy(ds)['tfds_id'])
 
-  shares = [ids(input_pipeline.process_split('train', i, process_count))
-            for i in range(process_count)]
+  shares = [
+    ids(input_pipeline.process_split('train', i, process_count)) for i in range(process_count)
+  ]
   assert max(map(len, shares)) - min(map(len, shares)) <= 1
   assert sorted(sum(shares, [])) == sorted(ids('train'))  # disjoint and covering
   assert len(set(sum(shares, []))) == NUM_TRAIN
@@ -85,25 +97,33 @@ def test_train_epoch_is_the_process_share(digits_dir):
   config = make_config(digits_dir)
   config.dataset.random_flip = False
   for index in range(2):
-    share, _ = input_pipeline.create_eval_dataset(config, 'train', batch_size=64,
-                                                  process_index=index, process_count=2)
+    share, _ = input_pipeline.create_eval_dataset(
+      config, 'train', batch_size=64, process_index=index, process_count=2
+    )
     share_keys = [k for b in share for k, m in zip(keys(b['image']), b['mask']) if m]
-    batches = take(input_pipeline.create_train_iterator(
-        config, process_index=index, process_count=2), len(share_keys) // 32 + 1)
+    batches = take(
+      input_pipeline.create_train_iterator(config, process_index=index, process_count=2),
+      len(share_keys) // 32 + 1,
+    )
     assert all(b.shape == (32, 8, 8, 1) and b.dtype == np.float32 for b in batches)
-    epoch = keys(np.concatenate(batches))[:len(share_keys)]
+    epoch = keys(np.concatenate(batches))[: len(share_keys)]
     assert collections.Counter(epoch) == collections.Counter(share_keys)
 
 
-@pytest.mark.parametrize('process_index,process_count,steps_per_call,starts', [
-    (0, 1, 1, (5, 23, 24)),   # batch 23 straddles the 1497-example epoch boundary
+@pytest.mark.parametrize(
+  'process_index,process_count,steps_per_call,starts',
+  [
+    (0, 1, 1, (5, 23, 24)),  # batch 23 straddles the 1497-example epoch boundary
     (1, 2, 2, (3, 11, 12, 23, 24)),  # 64 examples per call over 748: calls 11 and 23 straddle
-])
-def test_resumed_iterator_continues_the_uninterrupted_one(digits_dir, process_index,
-                                                          process_count, steps_per_call, starts):
+  ],
+)
+def test_resumed_iterator_continues_the_uninterrupted_one(
+  digits_dir, process_index, process_count, steps_per_call, starts
+):
   config = make_config(digits_dir, steps_per_call=steps_per_call)
   make = lambda start: input_pipeline.create_train_iterator(
-      config, start_step=start, process_index=process_index, process_count=process_count)
+    config, start_step=start, process_index=process_index, process_count=process_count
+  )
   reference = take(make(0), max(starts) + 3)
   local = 64 // process_count
   expected_shape = (local,) if steps_per_call == 1 else (steps_per_call, local)
@@ -114,8 +134,9 @@ def test_resumed_iterator_continues_the_uninterrupted_one(digits_dir, process_in
 
 
 def test_batches_are_scaled_to_unit_interval(digits_dir):
-  batch = next(input_pipeline.create_train_iterator(make_config(digits_dir), process_index=2,
-                                                    process_count=4))['image']
+  batch = next(
+    input_pipeline.create_train_iterator(make_config(digits_dir), process_index=2, process_count=4)
+  )['image']
   assert batch.dtype == np.float32 and batch.shape == (16, 8, 8, 1)
   assert batch.min() == -1.0 and batch.max() == 1.0
   grid = (batch + 1.0) * 127.5
@@ -123,10 +144,10 @@ def test_batches_are_scaled_to_unit_interval(digits_dir):
 
 
 def test_indivisible_global_batch_is_a_clear_error(digits_dir):
-  with pytest.raises(ValueError, match='global batch size 64 is not divisible by the number of '
-                                       'processes 3'):
-    input_pipeline.create_train_iterator(make_config(digits_dir), process_index=0,
-                                         process_count=3)
+  with pytest.raises(
+    ValueError, match='global batch size 64 is not divisible by the number of processes 3'
+  ):
+    input_pipeline.create_train_iterator(make_config(digits_dir), process_index=0, process_count=3)
 
 
 @pytest.mark.parametrize('random_flip', [False, True])
@@ -148,21 +169,29 @@ def test_flips_only_when_configured(digits_dir, random_flip):
 def test_missing_dataset_raises_with_prepare_command(tmp_path):
   config = default.get_config()
   config.dataset.name, config.dataset.data_dir, config.dataset.download = (
-      'cifar10', str(tmp_path), False)
+    'cifar10',
+    str(tmp_path),
+    False,
+  )
   start = time.monotonic()
   with pytest.raises(input_pipeline.DatasetNotPreparedError) as error:
     input_pipeline.check_prepared(config)
   assert time.monotonic() - start < 10
-  command = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('cifar10', "
-             f"data_dir='{tmp_path}').download_and_prepare()\"")
+  command = (
+    f"python -c \"import tensorflow_datasets as tfds; tfds.builder('cifar10', "
+    f"data_dir='{tmp_path}').download_and_prepare()\""
+  )
   assert command in str(error.value)
   assert '--config.dataset.download=True' in str(error.value)
 
 
-@pytest.mark.parametrize('name,needles', [
+@pytest.mark.parametrize(
+  'name,needles',
+  [
     ('lsun/bedroom', ('bedroom_train_lmdb.zip and bedroom_val_lmdb.zip', 'downloads/manual')),
     ('celeb_a_hq/256', ('data256x256.tar', 'downloads/manual')),
-])
+  ],
+)
 def test_manual_datasets_explain_the_manual_steps(tmp_path, name, needles):
   config = default.get_config()
   config.dataset.name, config.dataset.data_dir = name, str(tmp_path)
@@ -179,7 +208,8 @@ def test_eval_dataset_covers_the_split_once_with_equal_batch_counts(digits_dir, 
   real, counts = [], set()
   for index in range(process_count):
     batches, num_batches = input_pipeline.create_eval_dataset(
-        config, 'train', batch_size=24, process_index=index, process_count=process_count)
+      config, 'train', batch_size=24, process_index=index, process_count=process_count
+    )
     batches = list(batches)
     counts.add((num_batches, len(batches)))
     for batch in batches:

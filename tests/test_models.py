@@ -1,4 +1,5 @@
 """Tests of the DDPM U-Net: sizes and names, dropout, dtypes, and its layers against independent references."""
+
 import functools
 import types
 
@@ -10,7 +11,9 @@ import pytest
 from diffusion_jax.models import AttnBlock, Downsample, UNet, Upsample, get_timestep_embedding
 
 CIFAR10 = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
-LSUN256 = dict(ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,))
+LSUN256 = dict(
+  ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,)
+)
 SMALL = dict(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
 
 
@@ -56,23 +59,55 @@ def small():
   t = jnp.array([0, 999], jnp.int32)
   # An 'rbg' key: compiling the init with the default threefry PRNG takes several times longer on CPU.
   params = jax.jit(model.init)(jax.random.key(0, impl='rbg'), x, t)['params']
-  return types.SimpleNamespace(model=model, x=x, t=t, params=params, random_params=_random_params(params, seed=0))
+  return types.SimpleNamespace(
+    model=model, x=x, t=t, params=params, random_params=_random_params(params, seed=0)
+  )
 
 
 def test_cifar10_param_count_and_names():
   params = _abstract_params(UNet(**CIFAR10), 32)
   assert _num_params(params) == 35_746_307
-  expected = (['temb_dense0', 'temb_dense1', 'conv_in', 'mid_block_1', 'mid_attn_1', 'mid_block_2',
-               'norm_out', 'conv_out',
-               'down_0_block_0', 'down_0_block_1', 'down_0_downsample',
-               'down_1_block_0', 'down_1_attn_0', 'down_1_block_1', 'down_1_attn_1', 'down_1_downsample',
-               'down_2_block_0', 'down_2_block_1', 'down_2_downsample',
-               'down_3_block_0', 'down_3_block_1',
-               'up_3_block_0', 'up_3_block_1', 'up_3_block_2', 'up_3_upsample',
-               'up_2_block_0', 'up_2_block_1', 'up_2_block_2', 'up_2_upsample',
-               'up_1_block_0', 'up_1_attn_0', 'up_1_block_1', 'up_1_attn_1', 'up_1_block_2', 'up_1_attn_2',
-               'up_1_upsample',
-               'up_0_block_0', 'up_0_block_1', 'up_0_block_2'])
+  expected = [
+    'temb_dense0',
+    'temb_dense1',
+    'conv_in',
+    'mid_block_1',
+    'mid_attn_1',
+    'mid_block_2',
+    'norm_out',
+    'conv_out',
+    'down_0_block_0',
+    'down_0_block_1',
+    'down_0_downsample',
+    'down_1_block_0',
+    'down_1_attn_0',
+    'down_1_block_1',
+    'down_1_attn_1',
+    'down_1_downsample',
+    'down_2_block_0',
+    'down_2_block_1',
+    'down_2_downsample',
+    'down_3_block_0',
+    'down_3_block_1',
+    'up_3_block_0',
+    'up_3_block_1',
+    'up_3_block_2',
+    'up_3_upsample',
+    'up_2_block_0',
+    'up_2_block_1',
+    'up_2_block_2',
+    'up_2_upsample',
+    'up_1_block_0',
+    'up_1_attn_0',
+    'up_1_block_1',
+    'up_1_attn_1',
+    'up_1_block_2',
+    'up_1_attn_2',
+    'up_1_upsample',
+    'up_0_block_0',
+    'up_0_block_1',
+    'up_0_block_2',
+  ]
   assert sorted(params) == sorted(expected)
 
   shapes = jax.tree.map(lambda leaf: leaf.shape, params)
@@ -80,17 +115,22 @@ def test_cifar10_param_count_and_names():
   assert shapes['conv_in'] == {'kernel': (3, 3, 3, 128), 'bias': (128,)}
   assert shapes['down_0_downsample'] == {'conv': {'kernel': (3, 3, 128, 128), 'bias': (128,)}}
   assert shapes['down_1_block_0'] == {  # 128 -> 256 channels: has the 1x1 shortcut
-      'norm1': {'scale': (128,), 'bias': (128,)},
-      'conv1': {'kernel': (3, 3, 128, 256), 'bias': (256,)},
-      'temb_proj': {'kernel': (512, 256), 'bias': (256,)},
-      'norm2': {'scale': (256,), 'bias': (256,)},
-      'conv2': {'kernel': (3, 3, 256, 256), 'bias': (256,)},
-      'nin_shortcut': {'kernel': (128, 256), 'bias': (256,)}}
+    'norm1': {'scale': (128,), 'bias': (128,)},
+    'conv1': {'kernel': (3, 3, 128, 256), 'bias': (256,)},
+    'temb_proj': {'kernel': (512, 256), 'bias': (256,)},
+    'norm2': {'scale': (256,), 'bias': (256,)},
+    'conv2': {'kernel': (3, 3, 256, 256), 'bias': (256,)},
+    'nin_shortcut': {'kernel': (128, 256), 'bias': (256,)},
+  }
   assert 'nin_shortcut' not in shapes['down_1_block_1']
-  assert shapes['up_0_block_2']['nin_shortcut'] == {'kernel': (256, 128), 'bias': (128,)}  # concat 128 + 128
-  assert shapes['mid_attn_1'] == {'norm': {'scale': (256,), 'bias': (256,)},
-                                  **{n: {'kernel': (256, 256), 'bias': (256,)}
-                                     for n in ('q', 'k', 'v', 'proj_out')}}
+  assert shapes['up_0_block_2']['nin_shortcut'] == {
+    'kernel': (256, 128),
+    'bias': (128,),
+  }  # concat 128 + 128
+  assert shapes['mid_attn_1'] == {
+    'norm': {'scale': (256,), 'bias': (256,)},
+    **{n: {'kernel': (256, 256), 'bias': (256,)} for n in ('q', 'k', 'v', 'proj_out')},
+  }
   assert shapes['conv_out'] == {'kernel': (3, 3, 128, 3), 'bias': (3,)}
 
 
@@ -122,7 +162,9 @@ def test_timestep_embedding_matches_numpy_formula():
     expected = np.concatenate([np.sin(args), np.cos(args), np.zeros((len(t), dim % 2))], axis=1)
     emb = get_timestep_embedding(jnp.asarray(t, jnp.int32), dim)
     assert emb.shape == (len(t), dim) and emb.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(emb), expected, rtol=0, atol=2e-4)  # float32 arguments up to 999 rad
+    np.testing.assert_allclose(
+      np.asarray(emb), expected, rtol=0, atol=2e-4
+    )  # float32 arguments up to 999 rad
 
 
 def test_output_is_near_zero_at_init(small):
@@ -132,7 +174,9 @@ def test_output_is_near_zero_at_init(small):
   assert np.abs(np.asarray(small.params['conv_out']['kernel'])).max() < 2e-6
   assert not np.any(np.asarray(small.params['conv_out']['bias']))
   out = _forward(small.model, small.random_params, small.x, small.t, jax.random.key(0), train=False)
-  assert np.abs(np.asarray(out)).mean() > 1e-2  # the same inputs give O(1) outputs with random params
+  assert (
+    np.abs(np.asarray(out)).mean() > 1e-2
+  )  # the same inputs give O(1) outputs with random params
 
 
 def test_small_output_shape_dtype_and_params_float32(small):
@@ -155,16 +199,21 @@ def test_dropout(small):
   assert np.abs(train1 - eval1).max() > 1e-3
 
   no_dropout = UNet(**SMALL, dropout=0.0)
-  np.testing.assert_allclose(np.asarray(_forward(no_dropout, *args, key1, train=True)), eval1,
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(_forward(no_dropout, *args, key1, train=True)), eval1, rtol=1e-6, atol=1e-6
+  )
 
 
 def test_bfloat16_compute(small):
   model = UNet(**SMALL, dropout=0.1, dtype='bfloat16')
   abstract = _abstract_params(model, 16, channels=1)
   assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
-  out = np.asarray(_forward(model, small.random_params, small.x, small.t, jax.random.key(0), train=False))
-  ref = np.asarray(_forward(small.model, small.random_params, small.x, small.t, jax.random.key(0), train=False))
+  out = np.asarray(
+    _forward(model, small.random_params, small.x, small.t, jax.random.key(0), train=False)
+  )
+  ref = np.asarray(
+    _forward(small.model, small.random_params, small.x, small.t, jax.random.key(0), train=False)
+  )
   assert out.dtype == np.float32
   assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 5e-2
   assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
@@ -190,7 +239,9 @@ def test_attention_block_matches_numpy():
   logits = q @ k.transpose(0, 2, 1) / np.sqrt(64)
   weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
   weights /= weights.sum(axis=-1, keepdims=True)
-  expected = x + ((weights @ v) @ p['proj_out']['kernel'] + p['proj_out']['bias']).reshape(2, 4, 6, 64)
+  expected = x + ((weights @ v) @ p['proj_out']['kernel'] + p['proj_out']['bias']).reshape(
+    2, 4, 6, 64
+  )
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -199,14 +250,23 @@ def test_downsample_uses_tf_same_padding():
   block = Downsample(with_conv=True)
   params = _random_params(jax.eval_shape(block.init, jax.random.key(0), x)['params'], seed=2)
   out = block.apply({'params': params}, jnp.asarray(x))
-  expected = jax.lax.conv_general_dilated(
-      x, params['conv']['kernel'], window_strides=(2, 2), padding=((0, 1), (0, 1)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + params['conv']['bias']
+  expected = (
+    jax.lax.conv_general_dilated(
+      x,
+      params['conv']['kernel'],
+      window_strides=(2, 2),
+      padding=((0, 1), (0, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    + params['conv']['bias']
+  )
   assert out.shape == (2, 4, 4, 4)
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
   pooled = Downsample(with_conv=False).apply({}, jnp.asarray(x))
-  np.testing.assert_allclose(np.asarray(pooled), x.reshape(2, 4, 2, 4, 2, 4).mean(axis=(2, 4)), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(pooled), x.reshape(2, 4, 2, 4, 2, 4).mean(axis=(2, 4)), rtol=1e-6
+  )
 
 
 def test_upsample_is_nearest_neighbour():

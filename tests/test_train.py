@@ -1,4 +1,5 @@
 """The data-parallel train step and the CLU/Orbax loop, on a tiny model over the digits data."""
+
 import os
 import pathlib
 import signal
@@ -27,8 +28,14 @@ def tiny_config(data_dir: str, **train_overrides):
   config.model.attn_resolutions = ()
   config.diffusion.num_diffusion_timesteps = 20
   config.optim.warmup_steps = 1
-  config.train.update(batch_size=16, num_train_steps=4, log_every_steps=2,
-                      checkpoint_every_steps=2, sample_every_steps=4, num_sample_images=8)
+  config.train.update(
+    batch_size=16,
+    num_train_steps=4,
+    log_every_steps=2,
+    checkpoint_every_steps=2,
+    sample_every_steps=4,
+    num_sample_images=8,
+  )
   config.train.update(train_overrides)
   config.eval.every_steps = 0
   return config
@@ -37,8 +44,9 @@ def tiny_config(data_dir: str, **train_overrides):
 def fixed_batch(config, steps_per_call: int) -> np.ndarray:
   config = config.copy_and_resolve_references()
   config.train.steps_per_call = 1
-  images = next(input_pipeline.create_train_iterator(config, process_index=0,
-                                                     process_count=1))['image']
+  images = next(input_pipeline.create_train_iterator(config, process_index=0, process_count=1))[
+    'image'
+  ]
   return np.broadcast_to(images, (steps_per_call, *images.shape)).copy()
 
 
@@ -114,21 +122,24 @@ def test_stop_and_resume_reproduce_an_uninterrupted_run(data_dir, tmp_path):
   train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(tmp_path / 'split'))
   resumed = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / 'split'))
   assert int(full.step) == int(resumed.step) == 4
-  for a, b in zip(jax.tree.leaves(jax.device_get(full.params)),
-                  jax.tree.leaves(jax.device_get(resumed.params))):
+  for a, b in zip(
+    jax.tree.leaves(jax.device_get(full.params)), jax.tree.leaves(jax.device_get(resumed.params))
+  ):
     np.testing.assert_array_equal(a, b)
   full_losses, split_losses = logged_scalars(tmp_path / 'full'), logged_scalars(tmp_path / 'split')
   assert sorted(full_losses) == [2, 4]
   assert full_losses == split_losses
   assert (tmp_path / 'full' / 'samples' / 'step_00000004.png').exists()
-  assert sorted(p.name for p in (tmp_path / 'full' / 'checkpoints').iterdir()
-                if p.name.isdigit()) == ['2', '4']
+  assert sorted(
+    p.name for p in (tmp_path / 'full' / 'checkpoints').iterdir() if p.name.isdigit()
+  ) == ['2', '4']
 
 
 def test_invalid_settings_are_clear_errors(data_dir, tmp_path):
   with pytest.raises(train.SetupError, match='multiple of train.steps_per_call'):
-    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=5, steps_per_call=2),
-                             str(tmp_path))
+    train.train_and_evaluate(
+      tiny_config(data_dir, num_train_steps=5, steps_per_call=2), str(tmp_path)
+    )
   with pytest.raises(train.SetupError, match='divisible by the 8 devices'):
     train.train_and_evaluate(tiny_config(data_dir, batch_size=12), str(tmp_path))
   with pytest.raises(train.SetupError, match='No checkpoints'):
@@ -144,20 +155,35 @@ def cli_env() -> dict[str, str]:
 
 
 def run_main(*args: str, cwd: pathlib.Path = REPO) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, '-m', 'diffusion_jax.main', *args], cwd=cwd,
-                          env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  return subprocess.Popen(
+    [sys.executable, '-m', 'diffusion_jax.main', *args],
+    cwd=cwd,
+    env=cli_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def tiny_flags(data_dir: str, workdir: pathlib.Path | str, num_steps: int) -> list[str]:
-  return [f'--config={REPO / "configs" / "digits.py"}', f'--workdir={workdir}',
-          f'--config.dataset.data_dir={data_dir}', '--config.dataset.image_size=8',
-          '--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()',
-          '--config.diffusion.num_diffusion_timesteps=20', '--config.train.batch_size=16',
-          f'--config.train.num_train_steps={num_steps}', '--config.train.log_every_steps=1',
-          '--config.train.checkpoint_every_steps=1', f'--config.train.sample_every_steps={num_steps}',
-          '--config.train.num_sample_images=8', f'--config.eval.every_steps={num_steps}',
-          '--config.eval.in_loop_num_samples=16', '--config.eval.batch_size=16']
+  return [
+    f'--config={REPO / "configs" / "digits.py"}',
+    f'--workdir={workdir}',
+    f'--config.dataset.data_dir={data_dir}',
+    '--config.dataset.image_size=8',
+    '--config.model.ch_mult=(1,)',
+    '--config.model.attn_resolutions=()',
+    '--config.diffusion.num_diffusion_timesteps=20',
+    '--config.train.batch_size=16',
+    f'--config.train.num_train_steps={num_steps}',
+    '--config.train.log_every_steps=1',
+    '--config.train.checkpoint_every_steps=1',
+    f'--config.train.sample_every_steps={num_steps}',
+    '--config.train.num_sample_images=8',
+    f'--config.eval.every_steps={num_steps}',
+    '--config.eval.in_loop_num_samples=16',
+    '--config.eval.batch_size=16',
+  ]
 
 
 @pytest.mark.slow
@@ -194,18 +220,22 @@ def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_errors_are_clear(tmp_path):
-  proc = run_main('--config=configs/cifar10.py', f'--workdir={tmp_path / "w"}',
-                  f'--config.dataset.data_dir={tmp_path / "tfds"}')
+  proc = run_main(
+    '--config=configs/cifar10.py',
+    f'--workdir={tmp_path / "w"}',
+    f'--config.dataset.data_dir={tmp_path / "tfds"}',
+  )
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode != 0
   assert 'Traceback' not in out
-  assert "download_and_prepare()" in out and str(tmp_path / 'tfds') in out
+  assert 'download_and_prepare()' in out and str(tmp_path / 'tfds') in out
 
 
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume_together(data_dir, tmp_path):
   """Two processes x 4 CPU devices joined by jax.distributed on 127.0.0.1 run the CLI together."""
   import socket
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
@@ -214,12 +244,26 @@ def test_two_processes_train_checkpoint_and_resume_together(data_dir, tmp_path):
   def launch(num_steps: int) -> list[str]:
     procs = []
     for process_id in range(2):
-      procs.append(subprocess.Popen(
-          [sys.executable, '-m', 'diffusion_jax.main', *tiny_flags(data_dir, workdir, num_steps),
-           '--config.num_cpu_devices=4', '--distributed',
-           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-           f'--process_id={process_id}'],
-          cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+      procs.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            '-m',
+            'diffusion_jax.main',
+            *tiny_flags(data_dir, workdir, num_steps),
+            '--config.num_cpu_devices=4',
+            '--distributed',
+            f'--coordinator_address=127.0.0.1:{port}',
+            '--num_processes=2',
+            f'--process_id={process_id}',
+          ],
+          cwd=REPO,
+          env=cli_env(),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+        )
+      )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
       assert p.returncode == 0, out[-3000:]

@@ -4,12 +4,13 @@ The 1797 images ship inside scikit-learn, so the dataset builds offline on first
 8x8 because upscaling adds no information to the 8x8 source while multiplying the compute, and
 8x8 suits a U-Net with 2 levels (8, 4) and attention at 4.
 """
-from typing import Iterator
+
+from collections.abc import Iterator
 
 import numpy as np
+import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
-import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 8
 NUM_TEST = 300
@@ -32,7 +33,8 @@ def to_image(digit: np.ndarray) -> np.ndarray:
 def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
   """Returns the stratified, seeded train/test indices into `load_digits()`."""
   train, test = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=NUM_TEST, stratify=labels, random_state=_SPLIT_SEED)
+    np.arange(len(labels)), test_size=NUM_TEST, stratify=labels, random_state=_SPLIT_SEED
+  )
   return {'train': train, 'test': test}
 
 
@@ -42,33 +44,36 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   name = 'sklearn_digits'
   VERSION = tfds.core.Version('2.0.0')
   RELEASE_NOTES = {
-      '1.0.0': 'Initial release.',
-      '2.0.0': 'Native 8x8, no upscaling.',
+    '1.0.0': 'Initial release.',
+    '2.0.0': 'Native 8x8, no upscaling.',
   }
 
   def _info(self) -> tfds.core.DatasetInfo:
     # Built directly: `dataset_info_from_configs()` needs a dataset package directory.
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
-            'label': tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits',
-        citation=_CITATION,
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
+          'label': tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits',
+      citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # The data ships inside scikit-learn.
     digits = sk_datasets.load_digits()
     return {
-        split: self._generate_examples(digits.images[indices], digits.target[indices], indices)
-        for split, indices in split_indices(digits.target).items()
+      split: self._generate_examples(digits.images[indices], digits.target[indices], indices)
+      for split, indices in split_indices(digits.target).items()
     }
 
-  def _generate_examples(self, images: np.ndarray, labels: np.ndarray,
-                         indices: np.ndarray) -> Iterator[tuple[int, dict[str, object]]]:
+  def _generate_examples(
+    self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
+  ) -> Iterator[tuple[int, dict[str, object]]]:
     for index, digit, label in zip(indices, images, labels):
       yield int(index), {'image': to_image(digit), 'label': int(label)}

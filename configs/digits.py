@@ -5,13 +5,18 @@ schedule discretized into T=200 steps instead of 1000: betas scaled by 1000/T ke
 alphas_cumprod at the last step (≈4.5e-5) where the paper's is, and sampling costs 5x less.
 Width, depth, batch, learning rate and EMA are chosen for a short run (see README). On a CPU-only
 host the run is data parallel over 2 CPU devices, one per core of the 2-core target machine.
+
+``--config=configs/digits.py:tiny`` shrinks it to seconds (one level, 20 diffusion steps, 4 train
+steps, small samples): the end-to-end tests run it.
 """
 
-from configs import default
+from diffusion_jax import config_defaults
 
 
-def get_config():
-  config = default.get_config()
+def get_config(variant: str | None = None):
+  if variant not in (None, 'tiny'):
+    raise ValueError(f'Unknown digits config variant {variant!r}; use configs/digits.py or :tiny.')
+  config = config_defaults.get_config()
   config.num_cpu_devices = 2  # 1.5x the steps/s of JAX's one CPU device (BENCHMARKS.md)
   config.dataset.name = 'sklearn_digits'
   config.dataset.image_size = 8
@@ -46,4 +51,19 @@ def get_config():
   config.eval.batch_size = 100
   config.eval.every_steps = config.train.num_train_steps  # once, at the end
   config.eval.in_loop_num_samples = 500
+  if variant == 'tiny':
+    config.model.update(ch_mult=(1,), attn_resolutions=())
+    config.diffusion.num_diffusion_timesteps = 20
+    config.optim.warmup_steps = 1
+    config.train.update(
+      batch_size=16,
+      num_train_steps=4,
+      log_every_steps=2,
+      checkpoint_every_steps=2,
+      sample_every_steps=4,
+      num_sample_images=8,
+    )
+    config.eval.update(
+      every_steps=0, num_samples=20, batch_size=16, in_loop_num_samples=16, nll_num_examples=16
+    )
   return config

@@ -32,8 +32,6 @@ BETA_SCHEDULES = ('linear', 'quad', 'const', 'jsd', 'warmup10', 'warmup50', 'cos
 
 
 # ----------------------------------------------------------------------------- schedules
-
-
 def _warmup_beta(
   beta_start: float, beta_end: float, num_diffusion_timesteps: int, warmup_frac: float
 ) -> np.ndarray:
@@ -56,40 +54,30 @@ def _cosine_betas(
 def get_beta_schedule(
   kind: str, *, beta_start: float, beta_end: float, num_diffusion_timesteps: int
 ) -> np.ndarray:
-  """The β_t of Eq. 2 as float64; the paper's is ``linear`` 1e-4..0.02, T=1000.
-
-  ``cosine`` ignores ``beta_start``/``beta_end``.
-  """
+  """The β_t of Eq. 2 as float64; the paper's is ``linear`` 1e-4..0.02, T=1000. ``cosine``
+  ignores ``beta_start``/``beta_end``."""
   n = num_diffusion_timesteps
   if n < 1:
     raise ValueError(f'num_diffusion_timesteps must be >= 1, got {n}.')
-  if kind == 'linear':
-    betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
-  elif kind == 'quad':
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
-  elif kind == 'const':
-    betas = beta_end * np.ones(n, dtype=np.float64)
-  elif kind == 'jsd':  # 1/T, 1/(T-1), ..., 1
-    betas = 1.0 / np.linspace(n, 1, n, dtype=np.float64)
-  elif kind == 'warmup10':
-    betas = _warmup_beta(beta_start, beta_end, n, 0.1)
-  elif kind == 'warmup50':
-    betas = _warmup_beta(beta_start, beta_end, n, 0.5)
-  elif kind == 'cosine':
-    betas = _cosine_betas(n)
-  else:
+  if kind not in BETA_SCHEDULES:
     raise ValueError(f'Unknown beta schedule {kind!r}; choose one of {BETA_SCHEDULES}.')
+  make_betas = {
+    'linear': lambda: np.linspace(beta_start, beta_end, n, dtype=np.float64),
+    'quad': lambda: np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2,
+    'const': lambda: beta_end * np.ones(n, dtype=np.float64),
+    'jsd': lambda: 1.0 / np.linspace(n, 1, n, dtype=np.float64),  # 1/T, 1/(T-1), ..., 1
+    'warmup10': lambda: _warmup_beta(beta_start, beta_end, n, 0.1),
+    'warmup50': lambda: _warmup_beta(beta_start, beta_end, n, 0.5),
+    'cosine': lambda: _cosine_betas(n),
+  }
+  betas = make_betas[kind]()
   if not np.all((betas > 0) & (betas <= 1)):
-    raise ValueError(
-      f'Betas of schedule {kind!r} must lie in (0, 1]; check beta_start and '
-      f'beta_end (got {beta_start}, {beta_end}).'
-    )
+    hint = f'check beta_start and beta_end (got {beta_start}, {beta_end})'
+    raise ValueError(f'Betas of schedule {kind!r} must lie in (0, 1]; {hint}.')
   return betas
 
 
 # ----------------------------------------------------------------------------- densities
-
-
 def mean_flat(x: Array) -> Array:
   """Mean over every axis but the batch axis."""
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
@@ -97,17 +85,12 @@ def mean_flat(x: Array) -> Array:
 
 def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
   """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats (the terms of Eq. 5)."""
-  return 0.5 * (
-    -1.0
-    + logvar2
-    - logvar1
-    + jnp.exp(logvar1 - logvar2)
-    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
-  )
+  ratio = jnp.exp(logvar1 - logvar2)
+  return 0.5 * (-1.0 + logvar2 - logvar1 + ratio + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: Array) -> Array:
-  """log p(x) of Eq. 13: a Gaussian integrated over x's bin of width 2/255 in [-1, 1], edge bins open.
+  """log p(x) of Eq. 13: the Gaussian's mass on x's bin of width 2/255 in [-1, 1], edge bins open.
 
   ``x`` holds the 256 values of 8-bit data scaled to [-1, 1]. The bin mass is taken on the
   side of the mean where both CDFs are small, so it keeps its precision far in the tails.
@@ -121,20 +104,16 @@ def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: A
   ndtr = jax.scipy.special.ndtr
   cdf_delta = jnp.where(centered > 0, ndtr(-min_in) - ndtr(-plus_in), ndtr(plus_in) - ndtr(min_in))
   log_cdf_delta = jnp.log(jnp.maximum(cdf_delta, 1e-12))
-  return jnp.where(
-    x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
-  )
+  log_not_first = jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+  return jnp.where(x < -0.999, log_cdf_plus, log_not_first)
 
 
 def _extract(a: Array, t: Array, x_shape: tuple[int, ...]) -> Array:
   """``a[t]`` for a batch of timesteps, shaped to broadcast against ``x_shape``."""
-  out = jnp.take(a, t, axis=0)
-  return out.reshape((t.shape[0],) + (1,) * (len(x_shape) - 1))
+  return jnp.take(a, t, axis=0).reshape((t.shape[0],) + (1,) * (len(x_shape) - 1))
 
 
 # ----------------------------------------------------------------------------- the process
-
-
 @jax.tree_util.register_pytree_node_class
 class GaussianDiffusion:
   """The forward process q, the reverse process p_θ, their losses, bound and sampler.
@@ -156,19 +135,15 @@ class GaussianDiffusion:
     model_var_type: VarType = 'fixedlarge',
     loss_type: LossType = 'mse',
   ):
-    for name, value, allowed in (
-      ('model_mean_type', model_mean_type, MEAN_TYPES),
-      ('model_var_type', model_var_type, VAR_TYPES),
-      ('loss_type', loss_type, LOSS_TYPES),
-    ):
-      if value not in allowed:
-        raise ValueError(f'Unknown {name} {value!r}; choose one of {allowed}.')
+    self.model_mean_type, self.model_var_type = model_mean_type, model_var_type
+    self.loss_type = loss_type
+    allowed_types = dict(model_mean_type=MEAN_TYPES, model_var_type=VAR_TYPES, loss_type=LOSS_TYPES)
+    for name, allowed in allowed_types.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'Unknown {name} {getattr(self, name)!r}; choose one of {allowed}.')
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
       raise ValueError('betas must be a 1-D array of values in (0, 1].')
-    self.model_mean_type = model_mean_type
-    self.model_var_type = model_var_type
-    self.loss_type = loss_type
     schedule = self._schedule(betas, model_var_type)
     self._fields = tuple(schedule)
     for name, value in schedule.items():
@@ -182,15 +157,12 @@ class GaussianDiffusion:
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
     # β̃ at the first step is 0; its log is clipped to the second step's value.
-    posterior_log_variance_clipped = np.log(
-      np.append(posterior_variance[1:2], posterior_variance[1:])
-    )
+    second_step_var = posterior_variance[1:2]
+    posterior_log_variance_clipped = np.log(np.append(second_step_var, posterior_variance[1:]))
     if model_var_type == 'fixedlarge':
-      model_variance = betas
-      model_log_variance = np.log(np.append(posterior_variance[1:2], betas[1:]))
+      model_variance, model_log_variance = betas, np.log(np.append(second_step_var, betas[1:]))
     else:
-      model_variance = posterior_variance
-      model_log_variance = posterior_log_variance_clipped
+      model_variance, model_log_variance = posterior_variance, posterior_log_variance_clipped
     return dict(
       betas=betas,
       alphas_cumprod=alphas_cumprod,
@@ -211,12 +183,8 @@ class GaussianDiffusion:
   @classmethod
   def from_config(cls, config: Any) -> GaussianDiffusion:
     """Builds the process from a ``config.diffusion`` ConfigDict."""
-    betas = get_beta_schedule(
-      config.beta_schedule,
-      beta_start=config.beta_start,
-      beta_end=config.beta_end,
-      num_diffusion_timesteps=config.num_diffusion_timesteps,
-    )
+    kw = {k: getattr(config, k) for k in ('beta_start', 'beta_end', 'num_diffusion_timesteps')}
+    betas = get_beta_schedule(config.beta_schedule, **kw)
     return cls(betas, config.model_mean_type, config.model_var_type, config.loss_type)
 
   # Pytree protocol: schedule arrays are leaves, the three types are static.
@@ -237,7 +205,6 @@ class GaussianDiffusion:
     return self.betas.shape[0]
 
   # --------------------------------------------------------------------------- q
-
   def q_mean_variance(self, x_start: Array, t: Array) -> tuple[Array, Array, Array]:
     """Mean, variance and log-variance of q(x_t | x_0) (Eq. 4)."""
     mean = _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
@@ -247,44 +214,41 @@ class GaussianDiffusion:
 
   def q_sample(self, x_start: Array, t: Array, noise: Array) -> Array:
     """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, a draw from q(x_t | x_0) (Eq. 4)."""
-    return (
-      _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-      + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
-    )
+    sqrt_ab = _extract(self.sqrt_alphas_cumprod, t, x_start.shape)
+    sqrt_one_minus_ab = _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape)
+    return sqrt_ab * x_start + sqrt_one_minus_ab * noise
 
   def q_posterior_mean_variance(
     self, x_start: Array, x_t: Array, t: Array
   ) -> tuple[Array, Array, Array]:
     """Mean μ̃_t, variance β̃_t and clipped log-variance of q(x_{t-1} | x_t, x_0) (Eqs. 6–7)."""
-    mean = (
-      _extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-      + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
-    )
+    coef1 = _extract(self.posterior_mean_coef1, t, x_t.shape)
+    mean = coef1 * x_start + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
     variance = _extract(self.posterior_variance, t, x_t.shape)
     log_variance = _extract(self.posterior_log_variance_clipped, t, x_t.shape)
     return mean, variance, log_variance
 
   # --------------------------------------------------------------------------- p
-
   def predict_start_from_noise(self, x_t: Array, t: Array, noise: Array) -> Array:
     """x_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, inverting Eq. 4."""
-    return (
-      _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-      - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
-    )
+    sqrt_recip_ab = _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape)
+    return sqrt_recip_ab * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise
 
   def predict_start_from_prev(self, x_t: Array, t: Array, x_prev: Array) -> Array:
     """x_0 from the posterior mean μ̃_t, inverting Eq. 7."""
-    return (x_prev - _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t) / _extract(
-      self.posterior_mean_coef1, t, x_t.shape
-    )
+    coef2 = _extract(self.posterior_mean_coef2, t, x_t.shape)
+    return (x_prev - coef2 * x_t) / _extract(self.posterior_mean_coef1, t, x_t.shape)
 
   def predict_start_from_v(self, x_t: Array, t: Array, v: Array) -> Array:
     """x_0 = √ᾱ_t x_t − √(1−ᾱ_t) v (Salimans & Ho 2022)."""
-    return (
-      _extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
-      - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
-    )
+    sqrt_ab = _extract(self.sqrt_alphas_cumprod, t, x_t.shape)
+    return sqrt_ab * x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
+
+  def predict_noise_from_start(self, x_t: Array, t: Array, pred_xstart: Array) -> Array:
+    """ε = (x_t / √ᾱ_t − x_0) / √(1/ᾱ_t − 1), inverting Eq. 4 for the noise."""
+    sqrt_recip_ab = _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape)
+    sqrt_recipm1_ab = _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+    return (sqrt_recip_ab * x_t - pred_xstart) / sqrt_recipm1_ab
 
   def p_mean_variance(
     self, model_output: Array, x_t: Array, t: Array, clip_denoised: bool = True
@@ -308,22 +272,19 @@ class GaussianDiffusion:
     return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
 
   # --------------------------------------------------------------------------- losses
-
   def vb_terms_bpd(
     self, model_output: Array, x_start: Array, x_t: Array, t: Array, clip_denoised: bool = True
   ) -> tuple[Array, Array]:
-    """Per-example L_{t-1} (Eq. 5) for t > 0, or the decoder NLL L_0 (Eq. 13) at t = 0, in bits/dim.
+    """Per-example L_{t-1} (Eq. 5) for t > 0 or decoder NLL L_0 (Eq. 13) at t = 0, in bits/dim.
 
     Returns the terms and the predicted x_0.
     """
     true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
     out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
-    kl = mean_flat(normal_kl(true_mean, true_log_variance, out['mean'], out['log_variance']))
-    decoder_nll = -mean_flat(
-      discretized_gaussian_log_likelihood(
-        x_start, means=out['mean'], log_scales=0.5 * out['log_variance']
-      )
-    )
+    mean, log_variance = out['mean'], out['log_variance']
+    kl = mean_flat(normal_kl(true_mean, true_log_variance, mean, log_variance))
+    log_p = discretized_gaussian_log_likelihood(x_start, means=mean, log_scales=0.5 * log_variance)
+    decoder_nll = -mean_flat(log_p)
     return jnp.where(t == 0, decoder_nll, kl) / math.log(2.0), out['pred_xstart']
 
   def prior_bpd(self, x_start: Array) -> Array:
@@ -344,11 +305,10 @@ class GaussianDiffusion:
       target = x_start
     elif self.model_mean_type == 'xprev':
       target = self.q_posterior_mean_variance(x_start, x_t, t)[0]
-    else:
-      target = (
-        _extract(self.sqrt_alphas_cumprod, t, x_t.shape) * noise
-        - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_start
-      )
+    else:  # v = √ᾱ_t ε − √(1−ᾱ_t) x_0
+      sqrt_ab = _extract(self.sqrt_alphas_cumprod, t, x_t.shape)
+      sqrt_one_minus_ab = _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+      target = sqrt_ab * noise - sqrt_one_minus_ab * x_start
     return mean_flat(jnp.square(target - model_output))
 
   def calc_bpd_loop(
@@ -359,42 +319,25 @@ class GaussianDiffusion:
     Returns per-example ``total_bpd`` [B], ``prior_bpd`` [B] (L_T), ``terms_bpd`` [B, T]
     (column t is L_t for t > 0 and L_0 at t = 0), and ``xstart_mse`` and ``mse`` (of ε) [B, T].
     """
-    batch = x_start.shape[0]
 
     def term(_, t_scalar):
-      t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
+      t = jnp.full((x_start.shape[0],), t_scalar, dtype=jnp.int32)
       noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x_start.shape, x_start.dtype)
       x_t = self.q_sample(x_start, t, noise)
-      model_output = model_fn(x_t, t)
-      bpd, pred_xstart = self.vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised)
+      bpd, pred_xstart = self.vb_terms_bpd(model_fn(x_t, t), x_start, x_t, t, clip_denoised)
       pred_eps = self.predict_noise_from_start(x_t, t, pred_xstart)
-      return None, (
-        bpd,
-        mean_flat(jnp.square(pred_xstart - x_start)),
-        mean_flat(jnp.square(pred_eps - noise)),
-      )
+      xstart_mse = mean_flat(jnp.square(pred_xstart - x_start))
+      return None, (bpd, xstart_mse, mean_flat(jnp.square(pred_eps - noise)))
 
     timesteps = jnp.arange(self.num_timesteps - 1, -1, -1, dtype=jnp.int32)
     _, (terms, xstart_mse, mse) = jax.lax.scan(term, None, timesteps)
     # Scanned from t = T-1 down to 0; store column t at index t.
     terms, xstart_mse, mse = (jnp.flip(a, axis=0).T for a in (terms, xstart_mse, mse))
     prior = self.prior_bpd(x_start)
-    return dict(
-      total_bpd=jnp.sum(terms, axis=1) + prior,
-      prior_bpd=prior,
-      terms_bpd=terms,
-      xstart_mse=xstart_mse,
-      mse=mse,
-    )
-
-  def predict_noise_from_start(self, x_t: Array, t: Array, pred_xstart: Array) -> Array:
-    """ε = (x_t / √ᾱ_t − x_0) / √(1/ᾱ_t − 1), inverting Eq. 4 for the noise."""
-    return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / _extract(
-      self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
-    )
+    total = jnp.sum(terms, axis=1) + prior
+    return dict(total_bpd=total, prior_bpd=prior, terms_bpd=terms, xstart_mse=xstart_mse, mse=mse)
 
   # --------------------------------------------------------------------------- sampling
-
   def p_sample(
     self, model_fn: ModelFn, x_t: Array, t: Array, rng: Array, clip_denoised: bool = True
   ) -> tuple[Array, Array]:
@@ -425,17 +368,13 @@ class GaussianDiffusion:
     num_steps = self.num_timesteps
     k = progress_every or num_steps
     if num_steps % k:
-      raise ValueError(
-        f'progress_every={progress_every} must divide the number of timesteps {num_steps}.'
-      )
+      msg = f'progress_every={progress_every} must divide the number of timesteps {num_steps}.'
+      raise ValueError(msg)
     x_init = jax.random.normal(jax.random.fold_in(rng, num_steps), shape, jnp.float32)
 
     def step(x, t_scalar):
       t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
-      x, pred_xstart = self.p_sample(
-        model_fn, x, t, jax.random.fold_in(rng, t_scalar), clip_denoised
-      )
-      return x, pred_xstart
+      return self.p_sample(model_fn, x, t, jax.random.fold_in(rng, t_scalar), clip_denoised)
 
     def chunk(x, chunk_start):
       x, pred_xstart = jax.lax.scan(step, x, chunk_start - jnp.arange(k))
@@ -443,6 +382,4 @@ class GaussianDiffusion:
 
     starts = jnp.arange(num_steps - 1, -1, -k, dtype=jnp.int32)
     x, (ts, xs, pred_xstarts) = jax.lax.scan(chunk, x_init, starts)
-    if progress_every is None:
-      return x
-    return x, dict(t=ts, x_t=xs, pred_xstart=pred_xstarts)
+    return x if progress_every is None else (x, dict(t=ts, x_t=xs, pred_xstart=pred_xstarts))

@@ -1,29 +1,30 @@
-"""FID Inception-v3 in Flax (the 2015-12-05 graph used by TTUR, TF-GAN and pytorch-fid) and the FID / IS metrics.
+"""FID Inception-v3 in Flax (the 2015-12-05 graph used by TTUR, TF-GAN and pytorch-fid), its
+weights, and the FID / IS metrics.
 
-The network is pytorch-fid's `fid_inception_v3()`: torchvision's Inception3 with the FIDInceptionA/C/E_1/E_2
-blocks (3x3 average pools that ignore padding, a 3x3 max pool in Mixed_7c's pool branch), convs without bias,
-BatchNorm with eps 1e-3 in inference mode, no AuxLogits and a 1008-way fc. Images are NHWC in [0, 1] of any
-size; they are resized to 299x299 like torch's `F.interpolate(mode='bilinear', align_corners=False)` and scaled
-to [-1, 1]. Outputs are the 2048-d pool3 features (global average after Mixed_7c) and the 1008 logits.
+The network is pytorch-fid's ``fid_inception_v3()``: torchvision's Inception3 with the
+FIDInceptionA/C/E_1/E_2 blocks (3x3 average pools that ignore padding, a 3x3 max pool in
+Mixed_7c's pool branch), convs without bias, BatchNorm with eps 1e-3 in inference mode, no
+AuxLogits and a 1008-way fc. Images are NHWC in [0, 1] of any size; they are resized to 299x299
+like torch's ``F.interpolate(mode='bilinear', align_corners=False)`` and scaled to [-1, 1].
+Outputs are the 2048-d pool3 features (global average after Mixed_7c) and the 1008 logits.
 
-Param tree naming mirrors torchvision's Inception3 (torch name -> Flax path, '/'-joined in the .npz):
-    <block>[.<branch>].conv.weight (out, in, kh, kw)  -> <block>[/<branch>]/conv/kernel (kh, kw, in, out)
-    <block>[.<branch>].bn.weight / .bias              -> <block>[/<branch>]/bn/scale / bn/bias
-    <block>[.<branch>].bn.running_mean / .running_var -> <block>[/<branch>]/bn/mean / bn/var  (plain params)
-    fc.weight (1008, 2048) / fc.bias                  -> fc/kernel (2048, 1008) / fc/bias
-with blocks Conv2d_1a_3x3, Conv2d_2a_3x3, Conv2d_2b_3x3, Conv2d_3b_1x1, Conv2d_4a_3x3, Mixed_5b/5c/5d (A),
-Mixed_6a (B), Mixed_6b/6c/6d/6e (C), Mixed_7a (D), Mixed_7b/7c (E) and branches named as in torchvision
-(branch1x1, branch5x5_1, branch3x3dbl_2, branch7x7x3_4, branch3x3_2a, branch_pool, ...).
+Param names mirror torchvision's Inception3 (torch key -> Flax path, '/'-joined in the .npz):
+  <block>[.<branch>].conv.weight (O, I, kh, kw)     -> <block>[/<branch>]/conv/kernel (kh, kw, I, O)
+  <block>[.<branch>].bn.weight / .bias              -> <block>[/<branch>]/bn/scale / bn/bias
+  <block>[.<branch>].bn.running_mean / .running_var -> <block>[/<branch>]/bn/mean / bn/var
+  fc.weight (1008, 2048) / fc.bias                  -> fc/kernel (2048, 1008) / fc/bias
+with torchvision's block and branch names (Conv2d_1a_3x3, ..., Mixed_5b/5c/5d (A), Mixed_6a (B),
+Mixed_6b..6e (C), Mixed_7a (D), Mixed_7b/7c (E); branch1x1, branch5x5_1, branch_pool, ...).
 
 Weights: convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth once (needs torch) with
-    python -m diffusion_jax.fid --pytorch_fid_weights=pt_inception-2015-12-05-6726825d.pth \
-        --output=inception_fid.npz
-"""
+  python -m diffusion_jax.fid --pytorch_fid_weights=pt_inception-2015-12-05-6726825d.pth \\
+      --output=inception_fid.npz
+The statistics and distances live in ``feature_metrics``, re-exported here: ``FeatureStats``,
+``frechet_distance``, ``inception_score``, ``save_stats``, ``load_stats``."""
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -31,10 +32,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
-import scipy.special
 from absl import app, flags, logging
+from etils import epath
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+from diffusion_jax import npz, torch_weights
+from diffusion_jax.feature_metrics import (  # noqa: F401  (re-exported: fid.X is the public API)
+  FeatureStats,
+  frechet_distance,
+  inception_score,
+  load_stats,
+  save_stats,
+)
 
 Params = Mapping[str, Any]
 
@@ -45,12 +54,10 @@ PYTORCH_FID_WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
 PYTORCH_FID_WEIGHTS_URL = (
   'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + PYTORCH_FID_WEIGHTS
 )
-_HIGHEST = (
-  jax.lax.Precision.HIGHEST
-)  # keeps TPU convs/matmuls in f32, as the reference network computes
+_HIGHEST = jax.lax.Precision.HIGHEST  # TPU convs/matmuls in f32, as the reference computes
 
 
-# ----------------------------------------------------------------------------------------------- network
+# ----------------------------------------------------------------------------- network
 
 
 class FrozenBatchNorm(nn.Module):
@@ -202,7 +209,8 @@ class InceptionE(nn.Module):
 
 
 def preprocess(images: jax.Array) -> jax.Array:
-  """Resizes NHWC [0, 1] images to 299x299 (torch bilinear, align_corners=False) and scales them to [-1, 1]."""
+  """Resizes NHWC [0, 1] images to 299x299 (torch bilinear, align_corners=False) and scales
+  them to [-1, 1]."""
   n, _, _, c = images.shape
   x = jax.image.resize(
     images.astype(jnp.float32),
@@ -262,7 +270,8 @@ def pool3_features(params: Params, images: jax.Array) -> jax.Array:
 def batched_outputs(
   params: Params, images: np.ndarray, batch_size: int = 100
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (pool3, logits) as numpy per batch of `batch_size` images; the last batch is padded, then trimmed."""
+  """Yields (pool3, logits) as numpy per batch of ``batch_size`` images; the last batch is
+  padded, then trimmed."""
   params = jax.device_put(params)  # once, not per batch
   for start in range(0, len(images), batch_size):
     batch = np.asarray(images[start : start + batch_size], np.float32)
@@ -273,7 +282,7 @@ def batched_outputs(
     yield pool3[:n], logits[:n]
 
 
-# --------------------------------------------------------------------------------------------- weights
+# ----------------------------------------------------------------------------- weights
 
 _TORCH_LEAF = {
   'kernel': 'weight',
@@ -283,9 +292,9 @@ _TORCH_LEAF = {
   'var': 'running_var',
 }
 _WEIGHTS_HELP = (
-  'no FID Inception weights at {path!r}. Download pytorch-fid\'s {name} (GitHub release "fid_weights" of '
-  'mseitzer/pytorch-fid: {url}) and convert it once, where torch is installed, with: '
-  'python -m diffusion_jax.fid --pytorch_fid_weights={name} --output={path}'
+  "no FID Inception weights at {path!r}. Download pytorch-fid's {name} (GitHub release "
+  '"fid_weights" of mseitzer/pytorch-fid: {url}) and convert it once, where torch is installed, '
+  'with: python -m diffusion_jax.fid --pytorch_fid_weights={name} --output={path}'
 )
 
 
@@ -303,223 +312,69 @@ def _torch_name(name: str) -> str:
   return '.'.join([*path, _TORCH_LEAF[leaf]])
 
 
-def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """torch layout of a Flax shape: HWIO conv kernel -> OIHW, (in, out) dense kernel -> (out, in)."""
-  if len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  return tuple(reversed(shape))
-
-
-def _from_torch_layout(x: np.ndarray) -> np.ndarray:
-  """Flax layout of a torch tensor: OIHW -> HWIO, (out, in) -> (in, out), 1-D unchanged."""
-  return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T
-
-
-def _check_names_and_shapes(
-  what: str, expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]]
-) -> None:
-  """Raises a ValueError listing missing, unexpected and mis-shaped names of `given`."""
-  missing = sorted(expected.keys() - given.keys())
-  unexpected = sorted(given.keys() - expected.keys())
-  misshaped = sorted(
-    f'{k} {given[k]} (want {expected[k]})'
-    for k in expected.keys() & given.keys()
-    if tuple(given[k]) != tuple(expected[k])
-  )
-  if not (missing or unexpected or misshaped):
-    return
-  parts = [
-    f'{len(names)} {kind}: {", ".join(names[:10])}{" ..." if len(names) > 10 else ""}'
-    for kind, names in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
-    if names
-  ]
-  raise ValueError(
-    f'{what} does not match the FID Inception-v3 ({len(expected)} tensors expected); '
-    + '; '.join(parts)
-    + f". Expected pytorch-fid's {PYTORCH_FID_WEIGHTS} naming "
-    '(torchvision Inception3 without AuxLogits, 1008-way fc).'
-  )
-
-
 def params_from_pytorch_fid(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Flax params from pytorch-fid's FID Inception state dict (strict; `*.bn.num_batches_tracked` ignored)."""
-  expected = {_torch_name(name): shape for name, shape in param_shapes().items()}
-  given = {
-    k: tuple(np.shape(v))
-    for k, v in state_dict.items()
-    if not (
-      k.endswith('.bn.num_batches_tracked')
-      and k.replace('num_batches_tracked', 'running_mean') in expected
-    )
+  """Flax params from pytorch-fid's FID Inception state dict (strict; the BatchNorms'
+  ``num_batches_tracked`` are ignored)."""
+  wanted = {
+    name: torch_weights.Wanted((_torch_name(name),), torch_weights.torch_shape(shape), name)
+    for name, shape in param_shapes().items()
   }
-  _check_names_and_shapes(
-    'pytorch-fid state dict', {k: _torch_shape(s) for k, s in expected.items()}, given
-  )
+  counters = {  # torch's BatchNorm counters: not parameters
+    w.keys[0].replace('running_mean', 'num_batches_tracked')
+    for w in wanted.values()
+    if w.keys[0].endswith('.bn.running_mean')
+  }
+  shapes = {k: np.shape(v) for k, v in state_dict.items()}
+  match = torch_weights.match([wanted], shapes, ignore=counters.__contains__)
+  if not match.ok:
+    raise ValueError(
+      match.report(
+        f'pytorch-fid state dict does not match the FID Inception-v3 ({len(wanted)} tensors '
+        f"expected, pytorch-fid's {PYTORCH_FID_WEIGHTS} naming: torchvision Inception3 without "
+        'AuxLogits, 1008-way fc):'
+      )
+    )
   flat = {
-    name: _from_torch_layout(np.asarray(state_dict[_torch_name(name)], np.float32))
-    for name in param_shapes()
+    name: torch_weights.from_torch(np.asarray(state_dict[key], np.float32))
+    for name, key in match.found[0].items()
   }
   return unflatten_dict(flat, sep='/')
 
 
-def save_params(path: str | os.PathLike, params: Params) -> None:
-  """Writes params to a flat .npz with '/'-joined keys."""
-  flat = {name: np.asarray(value) for name, value in flatten_dict(params, sep='/').items()}
-  with open(path, 'wb') as f:
-    np.savez(f, **flat)
+def save_params(path: epath.PathLike, params: Params) -> None:
+  """Writes params to a flat .npz with '/'-joined keys (any epath, atomically)."""
+  npz.write(path, {name: np.asarray(v) for name, v in flatten_dict(params, sep='/').items()})
 
 
-def load_params(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads and checks FID Inception params written by `save_params`."""
-  if not os.path.exists(path):
+def load_params(path: epath.PathLike) -> dict[str, Any]:
+  """Reads and checks FID Inception params written by ``save_params``."""
+  if not epath.Path(path).exists():
     raise FileNotFoundError(
       _WEIGHTS_HELP.format(path=str(path), name=PYTORCH_FID_WEIGHTS, url=PYTORCH_FID_WEIGHTS_URL)
     )
-  with np.load(path) as f:
-    flat = {name: f[name] for name in f.files}
-  _check_names_and_shapes(
-    f'params file {str(path)!r}',
-    param_shapes(),
-    {name: value.shape for name, value in flat.items()},
-  )
+  flat = npz.read(path)
+  wanted = {name: torch_weights.Wanted((name,), shape) for name, shape in param_shapes().items()}
+  match = torch_weights.match([wanted], {name: value.shape for name, value in flat.items()})
+  if not match.ok:
+    raise ValueError(
+      match.report(
+        f'params file {str(path)!r} does not match the FID Inception-v3 ({len(wanted)} tensors '
+        'expected); write it with save_params from params_from_pytorch_fid:'
+      )
+    )
   return unflatten_dict(flat, sep='/')
 
 
-def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a .pth state dict into numpy arrays (needs torch, imported only here)."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-      f'reading {path!r} needs PyTorch, which is not installed here. Run the conversion '
-      'in an environment with torch (the CPU build is enough) and copy the .npz back; '
-      'do not install torch into the JAX training environment.'
-    ) from e
-  state_dict = torch.load(path, map_location='cpu', weights_only=True)
-  return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
+def read_torch_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
+  """Reads a .pth state dict into numpy arrays (needs torch, imported only there)."""
+  return torch_weights.read_state_dict(
+    path,
+    hint='Run the conversion in an environment with torch and copy the .npz back; do not '
+    'install torch into the JAX training environment.',
+  )
 
 
-# ------------------------------------------------------------------------------------ statistics/metrics
-
-
-class FeatureStats:
-  """Streaming float64 mean and covariance of features (sums of x and x x^T, shifted by the first batch)."""
-
-  def __init__(self, dim: int = POOL3_DIM):
-    self.dim = dim
-    self.num = 0
-    self._shift = np.zeros(dim)
-    self._sum = np.zeros(dim)
-    self._outer = np.zeros((dim, dim))
-
-  def update(self, features: np.ndarray) -> None:
-    """Adds a batch of features of shape (n, dim)."""
-    x = np.asarray(features, np.float64)
-    if x.ndim != 2 or x.shape[1] != self.dim:
-      raise ValueError(f'expected features of shape (n, {self.dim}), got {x.shape}')
-    if not len(x):
-      return
-    if self.num == 0:  # shifting by a typical value keeps the one-pass covariance accurate
-      self._shift = x.mean(axis=0)
-    x = x - self._shift
-    self.num += len(x)
-    self._sum += x.sum(axis=0)
-    self._outer += x.T @ x
-
-  def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (dim,) and unbiased covariance (dim, dim), as np.mean / np.cov(rowvar=False)."""
-    if self.num < 2:
-      raise ValueError(f'a covariance needs at least 2 feature vectors, got {self.num}')
-    centered_mean = self._sum / self.num
-    cov = (self._outer - self.num * np.outer(centered_mean, centered_mean)) / (self.num - 1)
-    return self._shift + centered_mean, cov
-
-
-def _sqrtm_of_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> np.ndarray:
-  """Real sqrtm(sigma1 @ sigma2), retried with eps*I added to both when the product is near singular."""
-  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-  if not np.isfinite(covmean).all():
-    logging.warning(
-      'FID: sqrtm of a near-singular covariance product; adding %g to both diagonals.', eps
-    )
-    offset = eps * np.eye(len(sigma1))
-    covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if not np.isfinite(covmean).all():
-      raise ValueError(
-        f'FID: sqrtm(sigma1 @ sigma2) is not finite even with eps={eps}; check the '
-        'covariances for NaN/inf or use a larger eps.'
-      )
-  if np.iscomplexobj(covmean):
-    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(
-        f'FID: sqrtm(sigma1 @ sigma2) has a large imaginary part (max '
-        f'{np.max(np.abs(covmean.imag)):.3g}); the covariances are not positive '
-        'semi-definite enough: use more samples than feature dimensions or a larger eps.'
-      )
-    covmean = covmean.real
-  return covmean
-
-
-def frechet_distance(
-  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
-  """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), in float64."""
-  mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
-  sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-  d = mu1.shape[0]
-  if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-    raise ValueError(
-      f'frechet_distance needs means (d,) and covariances (d, d) of one d, got '
-      f'{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}'
-    )
-  diff = mu1 - mu2
-  covmean = _sqrtm_of_product(sigma1, sigma2, eps)
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-
-
-def inception_score(logits: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
-  """Inception score (mean, std over `num_splits` splits) from the 1008-way logits, as OpenAI's IS code."""
-  logits = np.asarray(logits, np.float64)
-  n = len(logits)
-  if logits.ndim != 2 or n < num_splits:
-    raise ValueError(f'expected logits of shape (n >= {num_splits}, classes), got {logits.shape}')
-  probs = scipy.special.softmax(logits, axis=1)
-  scores = []
-  for i in range(num_splits):
-    part = probs[i * n // num_splits : (i + 1) * n // num_splits]
-    kl = scipy.special.rel_entr(part, part.mean(axis=0, keepdims=True)).sum(axis=1).mean()
-    scores.append(np.exp(kl))
-  return float(np.mean(scores)), float(np.std(scores))
-
-
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
-  """Writes reference statistics to .npz (`mu`, `sigma`, `num_images`)."""
-  with open(path, 'wb') as f:
-    np.savez(
-      f,
-      mu=np.asarray(mu, np.float64),
-      sigma=np.asarray(sigma, np.float64),
-      num_images=np.int64(num_images),
-    )
-
-
-def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int | None]:
-  """Reads (mu, sigma, num_images) from .npz; num_images is None in files without it (TTUR, pytorch-fid)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-      f'no FID statistics at {str(path)!r}; compute them over the reference images '
-      'with FeatureStats and write them with save_stats'
-    )
-  with np.load(path) as f:
-    if 'mu' not in f.files or 'sigma' not in f.files:
-      raise ValueError(
-        f'{str(path)!r} is not an FID statistics file: it has {f.files}, needs mu and sigma'
-      )
-    num_images = int(f['num_images']) if 'num_images' in f.files else None
-    return np.asarray(f['mu'], np.float64), np.asarray(f['sigma'], np.float64), num_images
-
-
-# ------------------------------------------------------------------------------------------ command line
+# ----------------------------------------------------------------------------- command line
 
 
 def main(argv: list[str]) -> None:

@@ -14,7 +14,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from diffusion_jax import images, rngs
 from diffusion_jax.datasets import sklearn_digits
+from diffusion_jax.errors import SetupError
 
 Batch = dict[str, np.ndarray]
 
@@ -38,7 +40,7 @@ _MANUAL_STEPS = {
 }
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(SetupError):
   """The TFDS dataset is not prepared in the configured data dir."""
 
 
@@ -96,26 +98,22 @@ def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
   return message
 
 
-def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """Returns the prepared builder; builds `sklearn_digits` offline, downloads only if allowed."""
-  builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
+def get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The prepared builder of ``config.dataset``: builds `sklearn_digits` offline, downloads only if
+  ``download`` allows, else raises DatasetNotPreparedError with the command that prepares it."""
+  builder = tfds.builder(dataset_config.name, data_dir=dataset_config.data_dir)
   if builder.name == sklearn_digits.SklearnDigits.name:
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
-  elif config.dataset.download:
+  elif dataset_config.download:
     builder.download_and_prepare()
   if not builder.is_prepared():
     raise DatasetNotPreparedError(prepare_instructions(builder))
   return builder
 
 
-def check_prepared(config: ml_collections.ConfigDict) -> None:
-  """Raises DatasetNotPreparedError (with the command to prepare it) if the data is missing."""
-  get_builder(config)
-
-
-def _read_config(shuffle_seed: int | None = None) -> tfds.ReadConfig:
+def read_config(shuffle_seed: int | None = None) -> tfds.ReadConfig:
   """Returns a TFDS read config with deterministic order (a fixed file order when shuffling)."""
   options = tf.data.Options()
   options.deterministic = True
@@ -135,18 +133,18 @@ def _encoded_images(
     split=split,
     shuffle_files=shuffle_seed is not None,
     decoders={'image': tfds.decode.SkipDecoding()},
-    read_config=_read_config(shuffle_seed),
+    read_config=read_config(shuffle_seed),
   )
   return ds.map(lambda example: example['image'])
 
 
-def _image_decoder(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict):
-  """Returns the image feature's decoder after checking its channels against the config."""
+def _image_decoder(builder: tfds.core.DatasetBuilder, num_channels: int):
+  """The image feature's decoder, after checking its channels against ``num_channels``."""
   feature = builder.info.features['image']
-  if feature.shape[-1] != config.dataset.num_channels:
+  if feature.shape[-1] != num_channels:
     raise ValueError(
       f'{builder.name} images have {feature.shape[-1]} channels but '
-      f'config.dataset.num_channels is {config.dataset.num_channels}.'
+      f'config.dataset.num_channels is {num_channels}.'
     )
   return feature.decode_example
 
@@ -166,21 +164,15 @@ def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
   return tf.clip_by_value(tf.round(image), 0.0, 255.0)
 
 
-def preprocess(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Maps a decoded uint8 HWC image to float32 [image_size, image_size, C] in [-1, 1]."""
-  if config.dataset.center_crop:
+def preprocess(image: tf.Tensor, dataset_config: ml_collections.ConfigDict) -> tf.Tensor:
+  """A decoded uint8 HWC image -> float32 [image_size, image_size, C] in [-1, 1]."""
+  if dataset_config.center_crop:
     image = center_crop(image)
-  image = resize(image, config.dataset.image_size)
-  return image / 127.5 - 1.0
-
-
-def _process_seed(seed: int, process_index: int) -> np.ndarray:
-  """Returns a stateless TF seed (2 x int64) unique to (config seed, process)."""
-  return np.random.SeedSequence((seed, process_index)).generate_state(2).astype(np.int64)
+  return images.from_pixels(resize(image, dataset_config.image_size))
 
 
 def _shuffled_epochs(
-  images: tf.data.Dataset,
+  encoded: tf.data.Dataset,
   num_examples: int,
   *,
   seed: np.ndarray,
@@ -190,88 +182,75 @@ def _shuffled_epochs(
 ) -> tf.data.Dataset:
   """Returns infinite (flip seed, encoded image) epochs from `start_epoch`, skipping `skip` first.
 
-  Epoch e is `images` shuffled with a seed folded from (seed, e), so its order does not depend on
+  Epoch e is `encoded` shuffled with a seed folded from (seed, e), so its order does not depend on
   where iteration started; each element's flip seed is folded from (epoch seed, index in epoch).
   """
   buffer_size = min(buffer_size, num_examples)
 
   def epoch(index: tf.Tensor) -> tf.data.Dataset:
     epoch_seed = tf.random.experimental.stateless_fold_in(seed, index)
-    ds = images.shuffle(buffer_size, seed=epoch_seed[0], reshuffle_each_iteration=False)
+    ds = encoded.shuffle(buffer_size, seed=epoch_seed[0], reshuffle_each_iteration=False)
     ds = ds.enumerate().skip(tf.where(index == start_epoch, tf.constant(skip, tf.int64), 0))
     return ds.map(lambda i, image: (tf.random.experimental.stateless_fold_in(epoch_seed, i), image))
 
   return tf.data.Dataset.counter(start_epoch).flat_map(epoch)
 
 
-def train_dataset(
-  config: ml_collections.ConfigDict,
-  *,
-  start_step: int = 0,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> tf.data.Dataset:
-  """Returns the infinite train tf.data pipeline of one process; see `create_train_iterator`."""
-  process_index, process_count = _process(process_index, process_count)
-  batch_size = local_batch_size(config.train.batch_size, process_count)
-  steps_per_call = config.train.steps_per_call
-  builder = get_builder(config)
-  split = process_split(config.dataset.train_split, process_index, process_count)
-  num_examples = builder.info.splits[split].num_examples
-  start_epoch, skip = divmod(start_step * steps_per_call * batch_size, num_examples)
-  seed = _process_seed(config.seed, process_index)
-  decode = _image_decoder(builder, config)
-
-  def to_example(flip_seed: tf.Tensor, encoded: tf.Tensor) -> dict[str, tf.Tensor]:
-    image = preprocess(decode(encoded), config)
-    if config.dataset.random_flip:
-      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return {'image': image}
-
-  images = _encoded_images(builder, split, shuffle_seed=int(seed[0]))
-  ds = _shuffled_epochs(
-    images,
-    num_examples,
-    seed=seed,
-    start_epoch=start_epoch,
-    skip=skip,
-    buffer_size=config.dataset.shuffle_buffer_size,
-  )
-  ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  if steps_per_call > 1:
-    ds = ds.batch(steps_per_call, drop_remainder=True)
-  return ds.prefetch(config.dataset.prefetch)
-
-
 def create_train_iterator(
-  config: ml_collections.ConfigDict,
+  builder: tfds.core.DatasetBuilder,
+  dataset_config: ml_collections.ConfigDict,
   *,
+  batch_size: int,
+  steps_per_call: int,
+  seed: int,
   start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> Iterator[Batch]:
-  """Returns this process's infinite, deterministic, resumable iterator of train batches.
+  """This process's infinite, deterministic, resumable iterator of train batches.
 
-  Yields `{'image': float32 [B, H, W, C]}` with B = config.train.batch_size // process_count,
-  or `[config.train.steps_per_call, B, H, W, C]` when steps_per_call > 1. A "step" here is one
-  yielded batch, i.e. one host call of `steps_per_call` optimizer steps, so resume with
-  `start_step = optimizer_step // steps_per_call`. Contract: for the same config (seed, dataset,
-  batch size, steps_per_call) and process index/count, the iterator built with `start_step=s`
-  yields exactly the batches the `start_step=0` iterator yields from its s-th batch (0-based) on.
+  Yields `{'image': float32 [steps_per_call, B, H, W, C]}`, B = batch_size // process_count
+  (``batch_size`` is global). A "step" here is one yielded element, i.e. one host call of
+  `steps_per_call` optimizer steps, so resume with `start_step = optimizer_step // steps_per_call`.
+  Contract: for the same builder, dataset config, seed, batch size, steps_per_call and process
+  index/count, the iterator built with `start_step=s` yields exactly the batches the
+  `start_step=0` iterator yields from its s-th element (0-based) on.
 
   The process's share is read as an endless stream of epochs; epoch e is the share shuffled with a
-  seed derived from (config.seed, process, e) and flips are seeded by (that seed, index in epoch),
-  so batches do not depend on the start. Resuming skips the first
+  seed derived from (seed, process, e) and flips are seeded by (that seed, index in epoch), so
+  batches do not depend on the start. Resuming skips the first
   start_step * steps_per_call * B elements of that stream: whole epochs by arithmetic, then the
   rest of the start epoch on still-encoded records (no decoding). Files are shuffled once per
   process (a fixed order across epochs); shuffling within an epoch is exact if the share fits in
-  config.dataset.shuffle_buffer_size and a sliding-window shuffle otherwise. The order changes if
-  the process count changes.
+  `shuffle_buffer_size` and a sliding-window shuffle otherwise. The order changes if the process
+  count changes.
   """
-  ds = train_dataset(
-    config, start_step=start_step, process_index=process_index, process_count=process_count
+  process_index, process_count = _process(process_index, process_count)
+  local_batch = local_batch_size(batch_size, process_count)
+  split = process_split(dataset_config.train_split, process_index, process_count)
+  num_examples = builder.info.splits[split].num_examples
+  start_epoch, skip = divmod(start_step * steps_per_call * local_batch, num_examples)
+  process_seed = rngs.data_seed(seed, process_index)
+  decode = _image_decoder(builder, dataset_config.num_channels)
+
+  def to_example(flip_seed: tf.Tensor, encoded: tf.Tensor) -> dict[str, tf.Tensor]:
+    image = preprocess(decode(encoded), dataset_config)
+    if dataset_config.random_flip:
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return {'image': image}
+
+  encoded = _encoded_images(builder, split, shuffle_seed=int(process_seed[0]))
+  ds = _shuffled_epochs(
+    encoded,
+    num_examples,
+    seed=process_seed,
+    start_epoch=start_epoch,
+    skip=skip,
+    buffer_size=dataset_config.shuffle_buffer_size,
   )
+  ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True).batch(steps_per_call, drop_remainder=True)
+  ds = ds.prefetch(dataset_config.prefetch)
   return iter(tfds.as_numpy(ds))
 
 
@@ -282,14 +261,15 @@ def _padding(element_spec: dict[str, tf.TensorSpec], count: int) -> tf.data.Data
 
 
 def create_eval_dataset(
-  config: ml_collections.ConfigDict,
+  builder: tfds.core.DatasetBuilder,
+  dataset_config: ml_collections.ConfigDict,
   split: str,
   *,
   batch_size: int,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> tuple[Iterable[Batch], int]:
-  """Returns (re-iterable batches of one pass over this process's share of `split`, num_batches).
+  """(Re-iterable batches of one pass over this process's share of `split`, num_batches).
 
   `batch_size` is global; each process gets batch_size // process_count rows per batch as
   `{'image': float32 [B, H, W, C], 'mask': float32 [B]}`, in file order, without flips. Every
@@ -298,20 +278,19 @@ def create_eval_dataset(
   every process and all hosts run the same number of (collective) eval steps.
   """
   process_index, process_count = _process(process_index, process_count)
-  batch_size = local_batch_size(batch_size, process_count)
-  builder = get_builder(config)
+  local_batch = local_batch_size(batch_size, process_count)
   shares = [
     builder.info.splits[process_split(split, i, process_count)].num_examples
     for i in range(process_count)
   ]
-  num_batches = -(-max(shares) // batch_size)
-  decode = _image_decoder(builder, config)
+  num_batches = -(-max(shares) // local_batch)
+  decode = _image_decoder(builder, dataset_config.num_channels)
 
   def to_example(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
-    return {'image': preprocess(decode(encoded), config), 'mask': tf.constant(1.0)}
+    return {'image': preprocess(decode(encoded), dataset_config), 'mask': tf.constant(1.0)}
 
   ds = _encoded_images(builder, process_split(split, process_index, process_count))
   ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.concatenate(_padding(ds.element_spec, num_batches * batch_size - shares[process_index]))
-  ds = ds.batch(batch_size).prefetch(config.dataset.prefetch)
+  ds = ds.concatenate(_padding(ds.element_spec, num_batches * local_batch - shares[process_index]))
+  ds = ds.batch(local_batch).prefetch(dataset_config.prefetch)
   return tfds.as_numpy(ds), num_batches

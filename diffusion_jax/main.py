@@ -9,7 +9,8 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import evaluate, input_pipeline, train  # noqa: E402
+from diffusion_jax import evaluate, sampling, train  # noqa: E402
+from diffusion_jax.errors import SetupError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go (may be gs://).')
@@ -17,21 +18,22 @@ flags.DEFINE_enum(
   'mode',
   'train',
   ['train', 'sample', 'eval'],
-  'train: train or resume; '
-  "sample: samples from the latest checkpoint's EMA params; eval: FID/IS (or the "
-  'digits metric) and bits/dim of the latest checkpoint.',
+  "train: train or resume; sample: samples from the latest checkpoint's EMA params; eval: FID/IS "
+  '(or the digits metric) and bits/dim of the latest checkpoint.',
 )
 flags.DEFINE_integer('num_samples', 64, 'With --mode=sample: how many samples to draw.')
 flags.DEFINE_bool(
   'distributed',
   False,
-  'Call jax.distributed.initialize() first (multi-host '
-  'TPU pod slices detect the arguments below themselves).',
+  'Call jax.distributed.initialize() first (multi-host TPU pod slices detect the arguments '
+  'below themselves).',
 )
 flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes.')
 flags.DEFINE_integer('process_id', None, "With --distributed: this process's index.")
-config_flags.DEFINE_config_file('config', None, 'A config file in configs/.', lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'A config file of configs/ (optionally file.py:variant).', lock_config=True
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -39,8 +41,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tf.config.set_visible_devices([], 'GPU')  # TF only feeds data; keep accelerators for JAX.
-  if FLAGS.config.num_cpu_devices:
-    jax.config.update('jax_num_cpu_devices', FLAGS.config.num_cpu_devices)
+  config = FLAGS.config
+  if config.num_cpu_devices:
+    jax.config.update('jax_num_cpu_devices', config.num_cpu_devices)
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info(
@@ -53,14 +56,13 @@ def main(argv):
   )
   try:
     if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == 'sample':
-      train.sample_from_checkpoint(FLAGS.config, FLAGS.workdir, num_samples=FLAGS.num_samples)
+      sampling.sample_from_checkpoint(config, FLAGS.workdir, num_samples=FLAGS.num_samples)
     else:
-      evaluate.evaluate_checkpoint(
-        FLAGS.config, FLAGS.workdir, config_name=config_flags.get_config_filename(FLAGS['config'])
-      )
-  except (train.SetupError, input_pipeline.DatasetNotPreparedError) as e:
+      config_name = config_flags.get_config_filename(FLAGS['config'])
+      evaluate.evaluate_checkpoint(config, FLAGS.workdir, config_name=config_name)
+  except SetupError as e:
     raise SystemExit(f'error: {e}') from None
 
 

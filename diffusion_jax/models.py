@@ -1,35 +1,39 @@
-"""The DDPM U-Net (Ho et al. 2020), layer for layer as diffusion_tf/models/unet.py of the original release.
+"""The DDPM U-Net (Ho et al. 2020), layer for layer as diffusion_tf/models/unet.py of the
+original release.
 
-Inputs are NHWC images in [-1, 1] and timesteps t of shape [B] (code step t=0 is the paper's t=1):
+Inputs are NHWC images in [-1, 1] and timesteps t of shape [B] (code step t=0 is the paper's
+t=1):
 
-  model = UNet(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1)
+  model = UNet(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+               attn_resolutions=(16,), dropout=0.1)
   eps = model.apply({'params': params}, x, t, train=True, rngs={'dropout': key})
 
-Parameter names are fixed: they mirror the original TF variable scopes, and weight importers rely on them.
-`i` is the resolution level (0 = full resolution, len(ch_mult) - 1 = lowest), `j` the block within a level;
-the up path visits i = len(ch_mult) - 1, ..., 0 and has num_res_blocks + 1 blocks per level.
+Parameter names are fixed: they mirror the original TF variable scopes, and weight importers
+rely on them. `i` is the resolution level (0 = full resolution, len(ch_mult) - 1 = lowest), `j`
+the block within a level; the up path visits i = len(ch_mult) - 1, ..., 0 and has
+num_res_blocks + 1 blocks per level.
 
-  temb_dense0, temb_dense1        Dense                    kernel [in, out], bias
-  conv_in, conv_out               Conv 3x3                 kernel [3, 3, in, out], bias
-  norm_out                        GroupNorm                scale, bias
+  temb_dense0, temb_dense1  Dense        kernel [in, out], bias
+  conv_in, conv_out         Conv 3x3     kernel [3, 3, in, out], bias
+  norm_out                  GroupNorm    scale, bias
   down_{i}_block_{j}, mid_block_1, mid_block_2, up_{i}_block_{j}
-                                  ResnetBlock              norm1, conv1, temb_proj (Dense), norm2, conv2,
-                                                           nin_shortcut (Dense over channels; only when
-                                                           input and output channels differ)
+                            ResnetBlock  norm1, conv1, temb_proj (Dense), norm2, conv2,
+                                         nin_shortcut (Dense over channels; only when
+                                         input and output channels differ)
   down_{i}_attn_{j}, mid_attn_1, up_{i}_attn_{j}
-                                  AttnBlock                norm, q, k, v, proj_out (Dense over channels, [C, C])
-  down_{i}_downsample             Downsample               conv (3x3 stride 2)
-  up_{i}_upsample                 Upsample                 conv (3x3)
+                            AttnBlock    norm, q, k, v, proj_out (Dense over channels, [C, C])
+  down_{i}_downsample       Downsample   conv (3x3 stride 2)
+  up_{i}_upsample           Upsample     conv (3x3)
 
-Attention blocks follow every block whose output resolution is in attn_resolutions; `down_{i}_downsample`
-exists for i < len(ch_mult) - 1 and `up_{i}_upsample` for i > 0, and neither has parameters (nor appears)
-without resamp_with_conv. Parameters are always float32; `dtype`
-(a dtype or its name, e.g. 'bfloat16') is the compute dtype, and the output is float32.
+Attention blocks follow every block whose output resolution is in attn_resolutions;
+`down_{i}_downsample` exists for i < len(ch_mult) - 1 and `up_{i}_upsample` for i > 0, and
+neither has parameters (nor appears) without resamp_with_conv. Parameters are always float32;
+`dtype` (a dtype or its name, e.g. 'bfloat16') is the compute dtype, and the output is float32.
 """
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -43,7 +47,8 @@ NEAR_ZERO_INIT = nn.initializers.variance_scaling(1e-10, 'fan_avg', 'uniform')
 
 
 def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Array:
-  """Sinusoidal float32 embedding [B, embedding_dim] of timesteps [B]: sines of all frequencies, then cosines."""
+  """Sinusoidal float32 embedding [B, embedding_dim] of timesteps [B]: sines of all frequencies,
+  then cosines."""
   timesteps = jnp.asarray(timesteps)
   if timesteps.ndim != 1:
     raise ValueError(f'timesteps must have shape [B], got shape {timesteps.shape}.')
@@ -67,7 +72,8 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 
 
 def _group_norm(dtype: Any, name: str) -> nn.GroupNorm:
-  """GroupNorm as in the original: 32 groups, eps 1e-6, two-pass (mean, then variance) statistics."""
+  """GroupNorm as in the original: 32 groups, eps 1e-6, two-pass (mean, then variance)
+  statistics."""
   return nn.GroupNorm(
     num_groups=NUM_GROUPS, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name
   )
@@ -95,7 +101,8 @@ def _conv3x3(
 def _dense(
   features: int, dtype: Any, name: str, kernel_init: nn.initializers.Initializer = DEFAULT_INIT
 ) -> nn.Dense:
-  """Dense over the last axis (the original's `dense`, and `nin` for a 1x1 projection over channels)."""
+  """Dense over the last axis (the original's `dense`, and `nin` for a 1x1 projection over
+  channels)."""
   return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
@@ -127,7 +134,8 @@ class AttnBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps x [B, H, W, C] to [B, H, W, C]; the softmax runs in float32 whatever the compute dtype."""
+    """Maps x [B, H, W, C] to [B, H, W, C]; the softmax runs in float32 whatever the compute
+    dtype."""
     b, height, width, c = x.shape
     h = _group_norm(self.dtype, 'norm')(x)
     q, k, v = (
@@ -140,7 +148,8 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-  """Halves H and W: 3x3 stride-2 conv with TF 'SAME' padding (0 before, 1 after), or a 2x2 average pool."""
+  """Halves H and W: 3x3 stride-2 conv with TF 'SAME' padding (0 before, 1 after), or a 2x2
+  average pool."""
 
   with_conv: bool = True
   dtype: Any = jnp.float32
@@ -169,7 +178,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-  """The DDPM noise-prediction U-Net eps_theta(x_t, t); see the module docstring for its parameter names."""
+  """The DDPM noise-prediction U-Net eps_theta(x_t, t); see the module docstring for its
+  parameter names."""
 
   ch: int
   out_ch: int
@@ -181,7 +191,8 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
 
   def _check(self, x: jax.Array, t: jax.Array) -> None:
-    """Raises ValueError, saying what to change, for hyperparameters or inputs the network cannot take."""
+    """Raises ValueError, saying what to change, for hyperparameters or inputs the network
+    cannot take."""
     if not self.ch_mult:
       raise ValueError('ch_mult must list at least one channel multiplier, e.g. (1, 2, 2, 2).')
     if self.num_res_blocks < 0:
@@ -251,3 +262,14 @@ class UNet(nn.Module):
     h = nn.swish(_group_norm(dtype, 'norm_out')(h))
     h = _conv3x3(self.out_ch, dtype, 'conv_out', kernel_init=NEAR_ZERO_INIT)(h)
     return h.astype(jnp.float32)
+
+
+def model_fn(
+  model: nn.Module, params: Any, *, dropout_rng: jax.Array | None = None
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """``(x_t, t) -> output`` of ``model``: in train mode (dropout) iff ``dropout_rng`` is given."""
+  if dropout_rng is None:
+    return lambda x, t: model.apply({'params': params}, x, t, train=False)
+  return lambda x, t: model.apply(
+    {'params': params}, x, t, train=True, rngs={'dropout': dropout_rng}
+  )

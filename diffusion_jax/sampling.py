@@ -1,29 +1,26 @@
-"""Data-parallel ancestral sampling (Algorithm 2) over every device of every host, and image grids."""
+"""Data-parallel ancestral sampling (Algorithm 2) over every device of every host: the compiled
+sampler, sample grids, and ``--mode=sample`` from a checkpoint's EMA params."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
+from absl import logging
+from clu import metric_writers
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from PIL import Image
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import images, models, parallel, rngs, train_state
 
-DATA_AXIS = 'data'
-
-
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh with a 'data' axis over all devices of all hosts (or the given ones)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+SampleFn = Callable[[Any, jax.Array], jax.Array]
 
 
 def make_sample_fn(
@@ -34,55 +31,109 @@ def make_sample_fn(
   image_shape: tuple[int, int, int],
   num_samples: int,
   clip_denoised: bool = True,
-) -> Callable[[Any, jax.Array], jax.Array]:
-  """Returns a jitted ``sample(params, rng) -> [num_samples, H, W, C]`` sharded over ``mesh``.
+) -> SampleFn:
+  """A jitted ``sample(params, rng) -> [num_samples, H, W, C]`` in [-1, 1], sharded over ``mesh``.
 
   ``num_samples`` is rounded up to a multiple of the device count; each device runs the whole
   reverse chain on its own share with the key ``fold_in(rng, device index)``.
   """
-  num_devices = mesh.devices.size
-  per_device = -(-num_samples // num_devices)
+  per_device = -(-num_samples // mesh.devices.size)
 
   def per_device_sample(params, rng):
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
-    model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
     return diffusion.p_sample_loop(
-      model_fn, (per_device, *image_shape), rng, clip_denoised=clip_denoised
+      models.model_fn(model, params),
+      (per_device, *image_shape),
+      rng,
+      clip_denoised=clip_denoised,
     )
 
-  sharded = jax.shard_map(per_device_sample, mesh=mesh, in_specs=(P(), P()), out_specs=P(DATA_AXIS))
-  return jax.jit(sharded)
+  return jax.jit(
+    jax.shard_map(
+      per_device_sample, mesh=mesh, in_specs=(P(), P()), out_specs=P(parallel.DATA_AXIS)
+    )
+  )
 
 
 def gather_images(samples: jax.Array, num_samples: int) -> np.ndarray:
-  """Samples in [-1, 1] on any devices → uint8 numpy [num_samples, H, W, C] on every host."""
-  images = np.asarray(multihost_utils.process_allgather(samples, tiled=True))[:num_samples]
-  return to_uint8(images)
+  """Samples in [-1, 1] on any devices -> uint8 numpy [num_samples, H, W, C] on every host."""
+  return images.to_uint8(parallel.gather(samples)[:num_samples])
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats → uint8 [0, 255], rounding as the data was quantized."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+def write_sample_grid(
+  sample_fn: SampleFn,
+  params: Any,
+  rng: jax.Array,
+  *,
+  num_samples: int,
+  path: epath.Path,
+  writer: metric_writers.MetricWriter | None = None,
+  step: int = 0,
+) -> np.ndarray:
+  """Samples with ``params``; process 0 writes a PNG grid at ``path`` (and to TensorBoard if a
+  writer is given). Returns the uint8 images."""
+  samples = gather_images(sample_fn(params, rng), num_samples)
+  grid = images.image_grid(samples)
+  if jax.process_index() == 0:
+    images.save_png(path, grid)
+    if writer is not None:
+      writer.write_images(step, {'samples': grid[None]})
+  return samples
 
 
-def image_grid(images: np.ndarray, *, padding: int = 2) -> np.ndarray:
-  """uint8 [N, H, W, C] → one uint8 [rows*(H+p)+p, cols*(W+p)+p, C] grid, near-square."""
-  n, h, w, c = images.shape
-  cols = math.ceil(math.sqrt(n))
-  rows = math.ceil(n / cols)
-  grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
-  for k, image in enumerate(images):
-    y, x = padding + (k // cols) * (h + padding), padding + (k % cols) * (w + padding)
-    grid[y : y + h, x : x + w] = image
-  return grid
+@dataclasses.dataclass(frozen=True)
+class Inference:
+  """What sampling and evaluation need of a trained run: its model, process, mesh and EMA params."""
+
+  workdir: epath.Path
+  model: nn.Module
+  diffusion: diffusion_lib.GaussianDiffusion
+  mesh: Mesh
+  image_shape: tuple[int, int, int]
+  step: int
+  ema_params: Any
 
 
-def save_png(path: epath.PathLike, image: np.ndarray, *, min_size: int = 256) -> None:
-  """Writes a uint8 [H, W, C] image as PNG, upscaled (nearest) so its short side is ≥ min_size."""
-  scale = max(1, -(-min_size // min(image.shape[:2])))
-  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  pil = pil.resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open('wb') as f:
-    pil.save(f, format='PNG')
+def restore_inference(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Inference:
+  """The latest checkpoint of ``workdir`` set up for sampling (a SetupError if there is none)."""
+  workdir = train_state.resolve_workdir(workdir)
+  mesh = parallel.make_mesh()
+  factory = train_state.StateFactory.from_config(config)
+  state = train_state.restore_latest(workdir, factory.abstract(mesh))
+  return Inference(
+    workdir=workdir,
+    model=factory.model,
+    diffusion=diffusion_lib.GaussianDiffusion.from_config(config.diffusion),
+    mesh=mesh,
+    image_shape=factory.image_shape,
+    step=int(state.step),
+    ema_params=state.ema_params,
+  )
+
+
+def sample_from_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, *, num_samples: int
+) -> np.ndarray:
+  """``--mode=sample``: samples of the latest checkpoint's EMA params -> a PNG grid and an .npz."""
+  run = restore_inference(config, workdir)
+  sample_fn = make_sample_fn(
+    run.model,
+    run.diffusion,
+    run.mesh,
+    image_shape=run.image_shape,
+    num_samples=num_samples,
+    clip_denoised=config.train.clip_denoised,
+  )
+  stem = run.workdir / 'samples' / f'ema_step_{run.step:08d}_n{num_samples}'
+  samples = write_sample_grid(
+    sample_fn,
+    run.ema_params,
+    rngs.key(config.seed, 'sample'),
+    num_samples=num_samples,
+    path=stem.with_suffix('.png'),
+  )
+  if jax.process_index() == 0:
+    with stem.with_suffix('.npz').open('wb') as f:
+      np.savez_compressed(f, images=samples, step=run.step)
+    logging.info('Wrote %d samples of step %d to %s.{png,npz}', num_samples, run.step, stem)
+  return samples

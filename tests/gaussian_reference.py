@@ -1,6 +1,6 @@
 """Closed-form reference for Gaussian data: the analytic-optimal ε-model and its expected bound.
 
-Shared by test_diffusion.py (the bound in one process) and test_evaluate.py (the sharded NLL path).
+Shared by test_diffusion.py (the bound in one process) and test_evaluators_bound.py (sharded).
 """
 
 import math

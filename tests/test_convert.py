@@ -1,9 +1,11 @@
-"""Tests of the weight importer: diffusers and original-TF files written here load strictly into the U-Net.
+"""Tests of the weight importer: diffusers and original-TF files written here load strictly into
+the U-Net, and the checkpoint written is one that training, sampling and evaluation restore.
 
-The source files are built from names written out independently of convert.py: diffusers' UNet2DModel
-(down_blocks/resnets/attentions, up_blocks in reverse level order) and the variable scopes of the
-original diffusion_tf/models/unet.py. The TF checkpoint is written by TF itself from compat.v1 variables,
-with real ExponentialMovingAverage shadows, global_step and (for a few variables) Adam slots.
+The source files are built from names written out independently of convert.py: diffusers'
+UNet2DModel (down_blocks/resnets/attentions, up_blocks in reverse level order) and the variable
+scopes of the original diffusion_tf/models/unet.py. The TF checkpoint is written by TF itself from
+compat.v1 variables, with real ExponentialMovingAverage shadows, global_step and (for a few
+variables) Adam slots.
 """
 
 import json
@@ -13,20 +15,23 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 import tensorflow as tf
+from flax.traverse_util import flatten_dict
 from tensorflow.core.protobuf import rewriter_config_pb2
 
-from configs import celebahq, cifar10, lsun_bedroom, lsun_cat, lsun_church
-from diffusion_jax import convert, models, sampling, train
+from diffusion_jax import convert, models, npz, parallel, rngs, sampling, train_state
+
+from conftest import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TF_STEP = 12345
-# google/ddpm-cifar10-32's config.json (diffusers 0.0.4), which the google/ddpm-ema-cifar10-32 repo shares.
+# google/ddpm-cifar10-32's config.json (diffusers 0.0.4), shared by google/ddpm-ema-cifar10-32.
 CIFAR10_CONFIG_JSON = {
   '_class_name': 'UNet2DModel',
   '_diffusers_version': '0.0.4',
@@ -59,7 +64,7 @@ CONFIG_JSON_256 = {
 
 def small_config():
   """ch 32, ch_mult (1, 2), one block, attention at 8x8, 16x16x3 images, 10 diffusion steps."""
-  config = cifar10.get_config()
+  config = load_config('cifar10.py')
   config.dataset.image_size = 16
   config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
   config.diffusion.num_diffusion_timesteps = 10
@@ -82,7 +87,8 @@ def small_config_json():
 def source_weights(
   config, seed: int | None, *, legacy_attention: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """(diffusers state dict, original TF variables) holding the same weights, random or (seed None) zeros.
+  """(diffusers state dict, original TF variables) holding the same weights, random or (seed
+  None) zeros.
 
   Zeros are zero-stride views, so even the 256x256 models cost no memory.
   """
@@ -180,8 +186,8 @@ def write_diffusers(folder: pathlib.Path, state_dict, config_json) -> pathlib.Pa
 
 
 def write_tf_checkpoint(folder: pathlib.Path, raw, ema, step: int) -> str:
-  """A TF1 checkpoint as the original training wrote it: variables, EMA shadows, global_step, and (only
-  for a few variables, to save time) Adam slots."""
+  """A TF1 checkpoint as the original training wrote it: variables, EMA shadows, global_step, and
+  (only for a few variables, to save time) Adam slots."""
   v1 = tf.compat.v1
   with tf.Graph().as_default():
     variables = {}
@@ -208,17 +214,12 @@ def write_tf_checkpoint(folder: pathlib.Path, raw, ema, step: int) -> str:
       return v1.train.Saver().save(sess, str(folder / 'model.ckpt'), global_step=step)
 
 
-def assert_trees_equal(actual, expected):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
-
-
 @pytest.fixture(scope='module')
 def small(tmp_path_factory):
-  """Two random weight sets A and B of the small config, as a diffusers folder each and one TF checkpoint
-  holding A with B as its EMA copies."""
+  """Two random weight sets A and B of the small config, as a diffusers folder each and one TF
+  checkpoint holding A with B as its EMA copies."""
   config = small_config()
+  model = train_state.StateFactory.from_config(config).model
   folder = tmp_path_factory.mktemp('sources')
   diffusers_a, tf_a = source_weights(config, seed=0)
   diffusers_b, tf_b = source_weights(config, seed=1, legacy_attention=True)
@@ -231,9 +232,7 @@ def small(tmp_path_factory):
     folder_a=write_diffusers(folder / 'ddpm-a', diffusers_a, small_config_json()),
     folder_b=write_diffusers(folder / 'ddpm-b', diffusers_b, small_config_json()),
     tf_checkpoint=write_tf_checkpoint(folder, tf_a, tf_b, TF_STEP),
-    forward=jax.jit(
-      lambda params, x, t: train.create_model(config).apply({'params': params}, x, t)
-    ),
+    forward=jax.jit(lambda params, x, t: model.apply({'params': params}, x, t)),
   )
 
 
@@ -245,9 +244,7 @@ def test_diffusers_file_loads_into_the_flax_tree_with_both_attention_key_styles(
   for folder in (small['folder_a'], small['folder_b']):  # B uses query/key/value/proj_attn
     state_dict = safetensors.numpy.load_file(str(folder / 'diffusion_pytorch_model.safetensors'))
     params = convert.params_from_diffusers(state_dict, small['config'])
-    flat = {
-      tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-    }
+    flat = flatten_dict(params)
     assert {p: v.shape for p, v in flat.items()} == abstract
     assert {v.dtype for v in flat.values()} == {np.dtype(np.float32)}
   sd = small['diffusers_b']
@@ -277,8 +274,10 @@ def test_tf_checkpoint_loads_raw_and_ema_and_ignores_adam(small):
   variables, step = convert.read_tf_checkpoint(small['tf_checkpoint'])
   assert step == TF_STEP
   params, ema_params = convert.params_from_tf(variables, small['config'])
-  assert_trees_equal(params, convert.params_from_diffusers(small['diffusers_a'], small['config']))
-  assert_trees_equal(
+  chex.assert_trees_all_equal(
+    params, convert.params_from_diffusers(small['diffusers_a'], small['config'])
+  )
+  chex.assert_trees_all_equal(
     ema_params, convert.params_from_diffusers(small['diffusers_b'], small['config'])
   )
   np.testing.assert_array_equal(
@@ -287,9 +286,8 @@ def test_tf_checkpoint_loads_raw_and_ema_and_ignores_adam(small):
   np.testing.assert_array_equal(
     ema_params['up_1_upsample']['conv']['kernel'], small['tf_b']['model/up_1/upsample/conv/W']
   )
-  assert (
-    convert.read_tf_checkpoint(os.path.dirname(small['tf_checkpoint']))[1] == TF_STEP
-  )  # a folder: latest
+  # A folder: its latest checkpoint.
+  assert convert.read_tf_checkpoint(os.path.dirname(small['tf_checkpoint']))[1] == TF_STEP
 
 
 def test_same_weights_give_identical_outputs_from_either_file(small):
@@ -304,18 +302,18 @@ def test_same_weights_give_identical_outputs_from_either_file(small):
   np.testing.assert_array_equal(np.asarray(from_ema_file), np.asarray(small['forward'](ema, x, t)))
 
 
-def test_lsun_configs_share_the_celebahq_structure():
-  structure = lambda c: (c.model, c.dataset.image_size, c.dataset.num_channels)
-  assert all(
-    structure(m.get_config()) == structure(celebahq.get_config())
-    for m in (lsun_bedroom, lsun_cat, lsun_church)
-  )
+@pytest.mark.parametrize('name', ['lsun_bedroom.py', 'lsun_cat.py', 'lsun_church.py'])
+def test_lsun_configs_take_the_celebahq_weights(name):
+  """One 256x256 structure: the LSUN configs accept the released 256x256 U-Net, as celebahq."""
+  config = load_config(name)
+  convert.check_diffusers_config(CONFIG_JSON_256, config)
+  assert convert.abstract_params(config) == convert.abstract_params(load_config('celebahq.py'))
 
 
-@pytest.mark.parametrize('module', [cifar10, celebahq], ids=['cifar10', '256x256'])
-def test_released_structures_fit_exactly(module):
-  config = module.get_config()
-  config_json = CIFAR10_CONFIG_JSON if module is cifar10 else CONFIG_JSON_256
+@pytest.mark.parametrize('name', ['cifar10.py', 'celebahq.py'], ids=['cifar10', '256x256'])
+def test_released_structures_fit_exactly(name):
+  config = load_config(name)
+  config_json = CIFAR10_CONFIG_JSON if name == 'cifar10.py' else CONFIG_JSON_256
   convert.check_diffusers_config(config_json, config)
   diffusers, original = source_weights(config, seed=None)
   params = convert.params_from_diffusers(diffusers, config)
@@ -330,10 +328,10 @@ def test_released_structures_fit_exactly(module):
   sizes = [
     sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree)) for tree in (params, raw, ema)
   ]
-  assert sizes == [35_746_307 if module is cifar10 else 113_673_219] * 3
+  assert sizes == [35_746_307 if name == 'cifar10.py' else 113_673_219] * 3
 
 
-# ----------------------------------------------------------------------------- parity with the source math
+# ----------------------------------------------------------------------------- source math parity
 
 
 def _conv_nchw(x, w, b, padding):
@@ -505,14 +503,11 @@ def test_config_json_mismatch_names_each_entry(small, tmp_path):
   assert 'freq_shift: 0, needs 1' in text
   assert "flip_sin_to_cos: absent (diffusers' default True), needs False" in text
   assert not (tmp_path / 'run' / 'checkpoints').exists()
-  convert.check_diffusers_config(
-    {**CIFAR10_CONFIG_JSON, 'attention_head_dim': 256}, cifar10.get_config()
-  )
+  cifar10 = load_config('cifar10.py')
+  convert.check_diffusers_config({**CIFAR10_CONFIG_JSON, 'attention_head_dim': 256}, cifar10)
   with pytest.raises(convert.ConversionError, match='attention_head_dim: 8, needs null'):
-    convert.check_diffusers_config(
-      {**CIFAR10_CONFIG_JSON, 'attention_head_dim': 8}, cifar10.get_config()
-    )
-  config = cifar10.get_config()
+    convert.check_diffusers_config({**CIFAR10_CONFIG_JSON, 'attention_head_dim': 8}, cifar10)
+  config = load_config('cifar10.py')
   config.model.attn_resolutions = (8,)
   with pytest.raises(convert.ConversionError) as error:
     convert.check_diffusers_config(CIFAR10_CONFIG_JSON, config)
@@ -558,11 +553,9 @@ def test_bin_without_torch_and_missing_files_raise_clearly(small, tmp_path, monk
 
 
 def _restore(config, workdir):
-  manager = train.checkpoint_manager(workdir, config, read_only=True)
-  abstract = train.abstract_train_state(
-    config, train.create_model(config), train.create_optimizer(config), sampling.make_mesh()
-  )
-  return train.restore_state(manager, abstract)
+  """The latest checkpoint of ``workdir``, restored as training, sampling and evaluation do."""
+  abstract = train_state.StateFactory.from_config(config).abstract(parallel.make_mesh())
+  return train_state.restore_latest(workdir, abstract), abstract
 
 
 def test_diffusers_to_checkpoint_with_ema_file_and_refuses_to_overwrite(small, tmp_path):
@@ -575,14 +568,18 @@ def test_diffusers_to_checkpoint_with_ema_file_and_refuses_to_overwrite(small, t
     ema_checkpoint=str(small['folder_b'] / 'diffusion_pytorch_model.safetensors'),
   )
   assert step == 0
-  state = _restore(config, workdir)
+  state, abstract = _restore(config, workdir)
+  # The tree a run of this config writes: same structure, shapes and dtypes.
+  assert jax.tree.structure(state) == jax.tree.structure(abstract)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, abstract)
   assert int(state.step) == 0
-  assert_trees_equal(state.params, convert.params_from_diffusers(small['diffusers_a'], config))
-  assert_trees_equal(state.ema_params, convert.params_from_diffusers(small['diffusers_b'], config))
-  assert not any(
-    np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(state.opt_state)
-  )  # fresh Adam
-  np.testing.assert_array_equal(np.asarray(state.rng), np.asarray(jax.random.PRNGKey(config.seed)))
+  a, b = (convert.params_from_diffusers(small[k], config) for k in ('diffusers_a', 'diffusers_b'))
+  chex.assert_trees_all_equal(state.params, a)
+  chex.assert_trees_all_equal(state.ema_params, b)
+  # A fresh Adam state (zero moments and count), and the run's ``train`` random stream.
+  fresh = train_state.StateFactory.from_config(config).tx.init(a)
+  chex.assert_trees_all_equal(state.opt_state, fresh)
+  np.testing.assert_array_equal(state.rng, rngs.key(config.seed, 'train'))
   with pytest.raises(convert.ConversionError, match='already holds checkpoints'):
     convert.convert(config, source='diffusers', checkpoint=str(small['folder_a']), workdir=workdir)
 
@@ -593,16 +590,20 @@ def test_tf_to_checkpoint_then_sample(small, tmp_path):
     convert.convert(config, source='tf', checkpoint=small['tf_checkpoint'], workdir=workdir)
     == TF_STEP
   )
-  state = _restore(config, workdir)
+  state, _ = _restore(config, workdir)
   assert int(state.step) == TF_STEP
   params, ema_params = convert.params_from_tf(
     convert.read_tf_checkpoint(small['tf_checkpoint'])[0], config
   )
-  assert_trees_equal(state.params, params)
-  assert_trees_equal(state.ema_params, ema_params)
-  images = train.sample_from_checkpoint(config, workdir, num_samples=8)
+  chex.assert_trees_all_equal(state.params, params)
+  chex.assert_trees_all_equal(state.ema_params, ema_params)
+  images = sampling.sample_from_checkpoint(config, workdir, num_samples=8)
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8
-  assert (tmp_path / 'run' / 'samples' / f'ema_step_{TF_STEP:08d}_n8.png').exists()
+  assert images.std() > 0  # random weights: not a constant image
+  # Sampled from the converted step, saved as --mode=sample saves.
+  saved = npz.read(tmp_path / 'run' / 'samples' / f'ema_step_{TF_STEP:08d}_n8.npz')
+  assert int(saved['step']) == TF_STEP
+  np.testing.assert_array_equal(saved['images'], images)
 
 
 def test_command_line(small, tmp_path):
@@ -627,4 +628,8 @@ def test_command_line(small, tmp_path):
     timeout=300,
   )
   assert run.returncode == 0, run.stderr[-3000:]
-  assert (tmp_path / 'run' / 'checkpoints' / '0').is_dir()
+  state, _ = _restore(small['config'], tmp_path / 'run')
+  assert int(state.step) == 0
+  params = convert.params_from_diffusers(small['diffusers_a'], small['config'])
+  chex.assert_trees_all_equal(state.params, params)
+  chex.assert_trees_all_equal(state.ema_params, params)

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian_reference import MU, S, discretized_entropy_bits, expected_bound_bits, optimal_eps_fn
 from scipy import stats
 
 from diffusion_jax import diffusion
+
+from gaussian_reference import MU, S, discretized_entropy_bits, expected_bound_bits, optimal_eps_fn
 
 T = 1000
 PAPER = dict(beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=T)
@@ -125,7 +126,7 @@ def test_q_mean_variance(paper_diffusion):
 
 
 def test_posterior_is_the_product_of_gaussians(paper_diffusion):
-  """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): precision and mean by completing squares."""
+  """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): precision and mean by hand."""
   betas, ac = paper_betas(), cumprod_loop(paper_betas())
   rng = np.random.default_rng(0)
   x0, xt = rng.uniform(-1, 1, (4, 5)), rng.normal(size=(4, 5))

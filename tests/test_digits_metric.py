@@ -1,96 +1,86 @@
-"""Digits domain metric: the cached, deterministic classifier, FD / confidence / class balance on real digits
-and on inputs that must fail (noise, blank), and the command line (tmp data dir, no network)."""
+"""Digits domain metric: the cached, deterministic classifier, FD / confidence / class balance on
+real digits and on inputs that must fail (noise, blank), and the command line (tmp data dir, no
+network)."""
 
 import os
 import pathlib
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from configs import digits
+from diffusion_jax import digits_classifier as dc
 from diffusion_jax import digits_metric as dm
-from diffusion_jax import fid
+from diffusion_jax import fid, input_pipeline
+
+from conftest import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def make_config(data_dir):
-  """configs/digits.py on `data_dir`, at the digits' native 8x8."""
-  config = digits.get_config()
-  config.dataset.data_dir = str(data_dir)
-  config.dataset.image_size = 8
-  return config
+@pytest.fixture(scope='session')
+def builder(data_dir):
+  """The prepared sklearn_digits builder of configs/digits.py on the session's data dir."""
+  return input_pipeline.get_builder(load_config('digits.py', data_dir).dataset)
 
 
 @pytest.fixture(scope='session')
-def config(data_dir):
-  return make_config(data_dir)
+def classifier(builder):
+  # Trains once (~15-30 s on 2 cores) and caches under the data dir.
+  return dm.load_or_train_classifier(builder)
 
 
 @pytest.fixture(scope='session')
-def classifier(config):
-  return dm.load_or_train_classifier(
-    config
-  )  # trains once (~15-30 s on 2 cores), caches under data_dir
+def test_digits(builder):
+  return dm.load_split(builder, 'test')
 
 
 @pytest.fixture(scope='session')
-def test_digits(config):
-  return dm.load_split(config, 'test')
-
-
-@pytest.fixture(scope='session')
-def train_ref(config, classifier):
-  return dm.reference_stats(config, 'train', classifier=classifier)
-
-
-def assert_same_params(a, b):
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(leaves_a) == len(leaves_b) and jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(x, y)
+def train_ref(builder, classifier):
+  return dm.reference_stats(builder, 'train', classifier=classifier)
 
 
 def test_classifier_accuracy_and_test_split(classifier, test_digits):
   images, labels = test_digits
   assert images.shape == (300, 8, 8, 1) and images.dtype == np.uint8
-  assert dm.IMAGE_SHAPE == (8, 8, 1)
   assert classifier.test_accuracy >= 0.95
   assert classifier.accuracy(images, labels) == pytest.approx(classifier.test_accuracy)
 
 
-def test_training_is_deterministic_and_cached(config, classifier, monkeypatch):
-  path = dm.classifier_path(dm.default_cache_dir(config))
-  assert path.exists() and path.parent.name == 'sklearn_digits_classifier'
-  assert (
-    dm.classifier_key() in path.name and dm.VERSION in path.name and dm.VERSION != 'digits-cnn-v1'
-  )
-  images, labels = dm.load_split(config, 'train')
+def test_training_is_deterministic_and_cached(builder, classifier, monkeypatch):
+  images, labels = dm.load_split(builder, 'train')
   # Determinism on short runs (the full run takes ~15 s; it is a loop of these same steps).
-  first = dm.train_params(images, labels, steps=40)
-  assert_same_params(dm.train_params(images, labels, steps=40), first)
-  other_seed = dm.train_params(images, labels, steps=40, seed=1)
+  first = dc.train_params(images, labels, steps=40)
+  chex.assert_trees_all_equal(dc.train_params(images, labels, steps=40), first)
+  other_seed = dc.train_params(images, labels, steps=40, seed=1)
   assert not all(
     np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other_seed))
   )
-
-  def fail(*args, **kwargs):
-    raise AssertionError('the cached classifier should have been loaded')
-
-  monkeypatch.setattr(dm, 'train_params', fail)
+  trained = []
+  monkeypatch.setattr(dc, 'train_params', lambda *a, **k: trained.append(1) or classifier.params)
+  path = dc.classifier_path(dm.default_cache_dir(builder))
   mtime = path.stat().mtime
-  loaded = dm.load_or_train_classifier(config)
-  assert_same_params(loaded.params, classifier.params)
+  loaded = dm.load_or_train_classifier(builder)  # from the cache the fixture wrote
+  chex.assert_trees_all_equal(loaded.params, classifier.params)
   assert loaded.test_accuracy == classifier.test_accuracy and path.stat().mtime == mtime
+  assert trained == []
+  # Another training recipe is another cache key: the cached classifier is not used for it.
+  monkeypatch.setitem(dc.TRAIN_HPARAMS, 'steps', dc.TRAIN_HPARAMS['steps'] + 1)
+  assert dm.classifier_key() != classifier.key
+  cache_dir = dm.default_cache_dir(builder)
+  assert dm.load_or_train_classifier(builder, cache_dir=cache_dir).key == dm.classifier_key()
+  assert trained == [1]
+  dc.classifier_path(cache_dir).unlink()
 
 
 @pytest.mark.parametrize('damage', ['garbage', 'truncated', 'other_version', 'wrong_shapes'])
-def test_bad_cache_is_retrained(config, classifier, tmp_path, monkeypatch, damage):
-  path = dm.classifier_path(tmp_path)
-  good = dm.classifier_path(dm.default_cache_dir(config)).read_bytes()
+def test_bad_cache_is_retrained(builder, classifier, tmp_path, monkeypatch, damage):
+  path = dc.classifier_path(tmp_path)
+  good = dc.classifier_path(dm.default_cache_dir(builder)).read_bytes()
   if damage == 'garbage':
     path.write_bytes(b'not an npz')
   elif damage == 'truncated':
@@ -100,21 +90,20 @@ def test_bad_cache_is_retrained(config, classifier, tmp_path, monkeypatch, damag
     if damage == 'wrong_shapes':
       params = jax.tree.map(lambda x: x[..., :1], params)
     key = 'digits-cnn-v1-deadbeef' if damage == 'other_version' else classifier.key
-    dm._save_classifier(path, dm.DigitsClassifier(params, key, 1.0))  # pylint: disable=protected-access
+    dc.save_classifier(path, dm.DigitsClassifier(params, key, 1.0))
   calls = []
 
   def train(*args, **kwargs):  # stands in for training: returns the known params at once
     calls.append(1)
     return classifier.params
 
-  monkeypatch.setattr(dm, 'train_params', train)
-  retrained = dm.load_or_train_classifier(config, cache_dir=tmp_path)
+  monkeypatch.setattr(dc, 'train_params', train)
+  retrained = dm.load_or_train_classifier(builder, cache_dir=tmp_path)
   assert calls == [1]
-  assert_same_params(retrained.params, classifier.params)
+  chex.assert_trees_all_equal(retrained.params, classifier.params)
   assert retrained.test_accuracy == pytest.approx(classifier.test_accuracy)
-  assert_same_params(
-    dm.load_or_train_classifier(config, cache_dir=tmp_path).params, classifier.params
-  )
+  reloaded = dm.load_or_train_classifier(builder, cache_dir=tmp_path)
+  chex.assert_trees_all_equal(reloaded.params, classifier.params)
   assert calls == [1]  # the rewritten cache loads
 
 
@@ -135,37 +124,43 @@ def test_features_and_probs(classifier, test_digits):
     classifier.features_and_probs(np.zeros((2, 16, 16, 1), np.uint8))
 
 
-def test_reference_stats_are_cached(config, classifier, train_ref, monkeypatch):
-  cache = dm.default_cache_dir(config)
-  assert (cache / f'ref_{classifier.key}_train_n1497.npz').exists()
-  monkeypatch.setattr(
-    dm, 'feature_stats', lambda *a: pytest.fail('reference stats were recomputed')
-  )
-  mu, sigma = dm.reference_stats(config, 'train', classifier=classifier)
+def test_reference_stats_are_cached(builder, classifier, train_ref, tmp_path, monkeypatch):
+  # The cache is fid's statistics file, with the split's image count.
+  cached = dm.default_cache_dir(builder) / f'ref_{classifier.key}_train_n1497.npz'
+  mu, sigma, num_images = fid.load_stats(cached)
+  assert num_images == 1497
   np.testing.assert_array_equal(mu, train_ref[0])
-  np.testing.assert_array_equal(sigma, train_ref[1])
   assert mu.shape == (dm.FEATURE_DIM,) and sigma.shape == (dm.FEATURE_DIM, dm.FEATURE_DIM)
   eigenvalues = np.linalg.eigvalsh(sigma)  # full-rank, well-conditioned features (no dead units)
   assert eigenvalues.min() > 1e-6 * eigenvalues.max()
+  # A stale file (another count) is recomputed; a good one is read.
+  stale = tmp_path / cached.name
+  fid.save_stats(stale, mu + 1, sigma, 1000)
+  recomputed = dm.reference_stats(builder, 'train', classifier=classifier, cache_dir=tmp_path)
+  chex.assert_trees_all_close(recomputed, train_ref, rtol=1e-10)
+  monkeypatch.setattr(
+    dm, 'feature_stats', lambda *a: pytest.fail('reference stats were recomputed')
+  )
+  for cache_dir in (None, tmp_path):
+    got = dm.reference_stats(builder, 'train', classifier=classifier, cache_dir=cache_dir)
+    chex.assert_trees_all_close(got, train_ref, rtol=1e-10)
 
 
-def test_real_digits_score_well(config, classifier, test_digits, train_ref):
+def test_real_digits_score_well(builder, classifier, test_digits, train_ref):
   metrics = dm.digits_metrics(classifier, test_digits[0], train_ref)
   assert metrics['num_images'] == 300
   assert metrics['confident_fraction'] >= 0.8
-  assert len(metrics['class_histogram']) == 10 and sum(metrics['class_histogram']) == pytest.approx(
-    1.0
-  )
+  assert len(metrics['class_histogram']) == 10
+  assert sum(metrics['class_histogram']) == pytest.approx(1.0)
   assert 0.05 <= metrics['min_class_fraction'] <= metrics['max_class_fraction'] <= 0.15
   assert 0 <= metrics['fd'] < 15
-  baseline = dm.real_digits_baseline(config, classifier=classifier)
+  baseline = dm.real_digits_baseline(builder, classifier=classifier)
   assert baseline['accuracy'] == pytest.approx(classifier.test_accuracy)
   assert {k: v for k, v in baseline.items() if k != 'accuracy'} == metrics
 
 
-@pytest.mark.filterwarnings(
-  'ignore::scipy.linalg.LinAlgWarning'
-)  # blank images: all-zero feature covariance
+# Blank images: an all-zero feature covariance.
+@pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')
 def test_noise_and_blank_images_fail(classifier, test_digits, train_ref):
   real = dm.digits_metrics(classifier, test_digits[0], train_ref)
   rng = np.random.default_rng(0)
@@ -175,53 +170,55 @@ def test_noise_and_blank_images_fail(classifier, test_digits, train_ref):
     metrics = dm.digits_metrics(classifier, images, train_ref)
     assert metrics['fd'] > max(10 * real['fd'], 100), name
     assert metrics['max_class_fraction'] >= 0.3 and metrics['min_class_fraction'] <= 0.02, name
-  # Neither is mostly classified confidently (though many noise images are; see the module docstring).
+  # Neither is mostly classified confidently (though many noise images are: see dm's docstring).
   assert dm.digits_metrics(classifier, noise, train_ref)['confident_fraction'] < 0.7
   assert dm.digits_metrics(classifier, blank, train_ref)['confident_fraction'] < 0.7
 
 
-def test_fd_of_features_with_themselves_is_zero(config, classifier, test_digits):
+def test_fd_of_features_with_themselves_is_zero(builder, classifier, test_digits):
   features = classifier.features_and_probs(test_digits[0])[0]
   stats = fid.FeatureStats(dm.FEATURE_DIM)
   stats.update(features)
   mu, sigma = stats.mean_cov()
   assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
-  test_ref = dm.reference_stats(config, 'test', classifier=classifier)
+  test_ref = dm.reference_stats(builder, 'test', classifier=classifier)
   assert abs(dm.digits_metrics(classifier, test_digits[0], test_ref)['fd']) < 1e-6 * np.trace(sigma)
 
 
-def test_only_digits_configs(config, classifier):
-  other = make_config(config.dataset.data_dir)
-  other.dataset.name = 'cifar10'
-  with pytest.raises(ValueError, match='sklearn_digits'):
-    dm.load_or_train_classifier(other)
+def test_only_digits_builders(builder, classifier, tmp_path):
+  other = tfds.builder('cifar10', data_dir=str(tmp_path))  # not prepared: never read
+  for call in (
+    lambda: dm.load_or_train_classifier(other),
+    lambda: dm.load_split(other, 'test'),
+    lambda: dm.reference_stats(other, classifier=classifier),
+  ):
+    with pytest.raises(ValueError, match="only scores 'sklearn_digits'.*'cifar10'"):
+      call()
   with pytest.raises(ValueError, match='differ'):
-    dm.real_digits_baseline(config, 'test', ref_split='test', classifier=classifier)
+    dm.real_digits_baseline(builder, 'test', ref_split='test', classifier=classifier)
 
 
-def test_samples_report_matches_image_counts(config, classifier, test_digits):
-  few, baseline = dm.samples_report(config, test_digits[0][:100])
+def test_samples_report_matches_image_counts(builder, classifier, test_digits):
+  few, baseline = dm.samples_report(builder, test_digits[0][:100])
   assert few['num_images'] == 100 and baseline['split'] == 'test' and 'fd_n100' in baseline
   assert baseline['fd_n100'] > baseline['fd']  # FD grows as the image count falls
-  many, _ = dm.samples_report(config, np.concatenate([test_digits[0]] * 2))
-  assert many['fd_n300'] == pytest.approx(
-    baseline['fd'], rel=1e-6
-  )  # two identical chunks of the test split
+  many, _ = dm.samples_report(builder, np.concatenate([test_digits[0]] * 2))
+  # Two identical chunks of the test split.
+  assert many['fd_n300'] == pytest.approx(baseline['fd'], rel=1e-6)
 
 
-def test_command_line(config, classifier, test_digits, tmp_path):
+def test_command_line(data_dir, classifier, test_digits, tmp_path):
   npz = tmp_path / 'samples.npz'
   np.savez_compressed(npz, images=np.concatenate([test_digits[0]] * 2), step=np.int64(7))
-  env = {**os.environ, 'PYTHONPATH': str(REPO)}
   command = [
     sys.executable,
     '-m',
     'diffusion_jax.digits_metric',
     f'--npz={npz}',
-    f'--data_dir={config.dataset.data_dir}',
+    f'--config.dataset.data_dir={data_dir}',  # config overrides work as in diffusion_jax.main
   ]
   result = subprocess.run(
-    command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+    command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=120, check=False
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'trained the digits classifier' not in result.stderr  # used the cache

@@ -1,19 +1,23 @@
-"""Tests of the FID Inception-v3, its pytorch-fid weight converter and the FID / IS statistics."""
+"""Tests of the FID Inception-v3, its pytorch-fid weight converter and the FID / IS statistics
+(``feature_metrics``, re-exported by ``fid``)."""
 
 import os
 import pathlib
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
+from etils import epath
 from flax.traverse_util import flatten_dict
 
 from diffusion_jax import fid
 
-# pytorch-fid's FID Inception: 94 BasicConv2d (conv.weight + 4 BatchNorm tensors each) + fc.weight/bias.
+# pytorch-fid's FID Inception: 94 BasicConv2d (conv.weight + 4 BatchNorm tensors each) and fc.
 NUM_PYTORCH_FID_TENSORS = 472
 
 
@@ -79,7 +83,8 @@ def _torchvision_convs() -> list[tuple[str, int, int, int, int]]:
 
 
 def _pytorch_fid_shapes() -> dict[str, tuple[int, ...]]:
-  """Keys and shapes of pytorch-fid's pt_inception-2015-12-05 state dict (without num_batches_tracked)."""
+  """Keys and shapes of pytorch-fid's pt_inception-2015-12-05 state dict (without
+  num_batches_tracked)."""
   shapes = {}
   for name, cin, cout, kh, kw in _torchvision_convs():
     shapes[f'{name}.conv.weight'] = (cout, cin, kh, kw)
@@ -124,9 +129,14 @@ def params(state_dict):
   return fid.params_from_pytorch_fid(state_dict)
 
 
-def test_state_dict_key_count():
-  assert len(_pytorch_fid_shapes()) == NUM_PYTORCH_FID_TENSORS
-  assert len(fid.param_shapes()) == NUM_PYTORCH_FID_TENSORS
+def test_params_are_torchvision_inception3_in_flax_layout():
+  want = {}
+  for key, shape in _pytorch_fid_shapes().items():
+    if len(shape) == 4:  # OIHW -> HWIO
+      shape = (shape[2], shape[3], shape[1], shape[0])
+    want['/'.join(_flax_path(key))] = tuple(reversed(shape)) if len(shape) == 2 else shape
+  assert fid.param_shapes() == want
+  assert len(want) == NUM_PYTORCH_FID_TENSORS
 
 
 def test_converter_uses_every_key_once(state_dict, params):
@@ -148,39 +158,39 @@ def test_converter_uses_every_key_once(state_dict, params):
   [
     (
       lambda sd: sd.pop('Mixed_6c.branch7x7dbl_3.bn.running_var'),
-      r'1 missing: Mixed_6c\.branch7x7dbl_3\.bn\.running_var',
+      r'missing \(1\):\n    Mixed_6c\.branch7x7dbl_3\.bn\.running_var \[160\]',
     ),
     (
       lambda sd: sd.update({'AuxLogits.fc.weight': np.zeros((1008, 768))}),
-      r'1 unexpected: AuxLogits\.fc\.weight',
+      r'unexpected \(1\):\n    AuxLogits\.fc\.weight \[1008, 768\]',
     ),
     (
       lambda sd: sd.update({'fc.weight': np.zeros((1000, 2048))}),
-      r'1 mis-shaped: fc\.weight \(1000, 2048\)',
+      r'mis-shaped \(1\):\n    fc\.weight: stored \[1000, 2048\], needs \[1008, 2048\] '
+      r'for fc/kernel',
     ),
     (
       lambda sd: sd.update({'Mixed_5b.num_batches_tracked': np.array(0)}),
-      r'1 unexpected: Mixed_5b\.num_batches',
+      r'unexpected \(1\):\n    Mixed_5b\.num_batches_tracked \[\]',
     ),
   ],
 )
 def test_converter_is_strict(state_dict, change, message):
   broken = dict(state_dict)
   change(broken)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=message) as error:
     fid.params_from_pytorch_fid(broken)
+  assert "pytorch-fid's pt_inception-2015-12-05-6726825d.pth naming" in str(error.value)
 
 
 def test_params_npz_round_trip(tmp_path, params):
   path = tmp_path / 'inception_fid.npz'
   fid.save_params(path, params)
-  loaded = flatten_dict(fid.load_params(path))
-  for key, value in flatten_dict(params).items():
-    np.testing.assert_array_equal(loaded[key], value)
+  chex.assert_trees_all_equal(fid.load_params(str(path)), params)
   with np.load(path) as f:
     assert 'Mixed_7c/branch3x3dbl_3b/bn/var' in f.files
-    np.savez(tmp_path / 'partial.npz', **{k: f[k] for k in f.files[1:]})
-  with pytest.raises(ValueError, match='1 missing'):
+    np.savez(tmp_path / 'partial.npz', **{k: f[k] for k in f.files if k != 'fc/bias'})
+  with pytest.raises(ValueError, match=r'missing \(1\):\n    fc/bias \[1008\]'):
     fid.load_params(tmp_path / 'partial.npz')
 
 
@@ -280,9 +290,8 @@ def test_frechet_distance_non_commuting():
   s1, s2 = a @ a.T + 0.1 * np.eye(8), b @ b.T + 0.1 * np.eye(8)
   assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.1
   w, v = np.linalg.eigh(s1)
-  root1 = (
-    v * np.sqrt(w)
-  ) @ v.T  # Tr sqrtm(s1 s2) = Tr sqrtm(s1^1/2 s2 s1^1/2), a symmetric PSD matrix
+  # Tr sqrtm(s1 s2) = Tr sqrtm(s1^1/2 s2 s1^1/2), a symmetric PSD matrix.
+  root1 = (v * np.sqrt(w)) @ v.T
   tr_covmean = np.sum(np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)))
   mu1, mu2 = rng.standard_normal((2, 8))
   want = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
@@ -296,14 +305,14 @@ def test_frechet_distance_of_features_with_themselves_is_zero():
 
 
 def test_frechet_distance_retries_with_eps(monkeypatch):
-  real_sqrtm = fid.scipy.linalg.sqrtm
+  real_sqrtm = scipy.linalg.sqrtm
   calls = []
 
   def flaky_sqrtm(a):
     calls.append(a)
     return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
 
-  monkeypatch.setattr(fid.scipy.linalg, 'sqrtm', flaky_sqrtm)
+  monkeypatch.setattr(scipy.linalg, 'sqrtm', flaky_sqrtm)
   s1, s2 = np.diag([1.0, 2.0]), np.diag([3.0, 4.0])
   got = fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=1e-3)
   np.testing.assert_allclose(calls[1], (s1 + 1e-3 * np.eye(2)) @ (s2 + 1e-3 * np.eye(2)))
@@ -317,9 +326,8 @@ def test_frechet_distance_rejects_large_imaginary_part():
 
 
 def test_feature_stats_match_numpy_in_uneven_batches():
-  data = (
-    np.random.default_rng(7).standard_normal((1000, 24)) * 0.5 + 100.0
-  )  # large offset, small spread
+  # A large offset, a small spread.
+  data = np.random.default_rng(7).standard_normal((1000, 24)) * 0.5 + 100.0
   stats = fid.FeatureStats(dim=24)
   for lo, hi in [(0, 1), (1, 1), (1, 8), (8, 308), (308, 1000)]:
     stats.update(data[lo:hi])
@@ -350,12 +358,34 @@ def test_inception_score_confident_balanced_is_num_classes():
 def test_stats_npz_round_trip(tmp_path):
   rng = np.random.default_rng(8)
   mu, sigma = rng.standard_normal(5), np.eye(5)
-  fid.save_stats(tmp_path / 'ref.npz', mu, sigma, 50000)
-  got_mu, got_sigma, n = fid.load_stats(tmp_path / 'ref.npz')
+  path = epath.Path(tmp_path) / 'new_dir' / 'ref.npz'  # folders are made as needed
+  fid.save_stats(path, mu, sigma, 50000)
+  got_mu, got_sigma, n = fid.load_stats(path)
   np.testing.assert_array_equal(got_mu, mu)
   np.testing.assert_array_equal(got_sigma, sigma)
-  assert n == 50000
+  assert n == 50000 and got_mu.dtype == got_sigma.dtype == np.float64
   np.savez(tmp_path / 'ttur.npz', mu=mu, sigma=sigma)
-  assert fid.load_stats(tmp_path / 'ttur.npz')[2] is None
+  assert fid.load_stats(str(tmp_path / 'ttur.npz'))[2] is None
   with pytest.raises(FileNotFoundError, match='FeatureStats'):
     fid.load_stats(tmp_path / 'missing.npz')
+  np.savez(tmp_path / 'other.npz', images=np.zeros(3))
+  with pytest.raises(ValueError, match='needs mu and sigma'):
+    fid.load_stats(tmp_path / 'other.npz')
+
+
+def test_save_stats_is_atomic(tmp_path, monkeypatch):
+  path = epath.Path(tmp_path) / 'ref.npz'
+  fid.save_stats(path, np.zeros(3), np.eye(3), 10)
+
+  def interrupted(self, data):  # a writer that dies half-way
+    with open(self, 'wb') as f:
+      f.write(data[: len(data) // 2])
+    raise OSError('disk full')
+
+  monkeypatch.setattr(type(path), 'write_bytes', interrupted)
+  with pytest.raises(OSError, match='disk full'):
+    fid.save_stats(path, np.ones(3), 2 * np.eye(3), 20)
+  mu, sigma, n = fid.load_stats(path)  # the old file, whole
+  np.testing.assert_array_equal(mu, np.zeros(3))
+  assert n == 10
+  assert sorted(p.name for p in path.parent.iterdir()) == ['ref.npz']  # no temporary left over

@@ -13,27 +13,36 @@ import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
-from configs import default
-from diffusion_jax import input_pipeline
+from diffusion_jax import config_defaults, input_pipeline
+
+from conftest import load_config
 
 NUM_TRAIN, NUM_TEST = 1497, 300
-
-
-def make_config(data_dir, **train) -> ml_collections.ConfigDict:
-  """The digits config on `data_dir`, with `config.train` overrides."""
-  config = default.get_config()
-  config.dataset.name = 'sklearn_digits'
-  config.dataset.data_dir = str(data_dir)
-  config.dataset.image_size = 8
-  config.dataset.num_channels = 1
-  config.train.batch_size = 64
-  config.train.update(train)
-  return config
 
 
 @pytest.fixture(scope='session')
 def digits_dir(data_dir):
   return pathlib.Path(data_dir)
+
+
+@pytest.fixture
+def dataset(data_dir) -> ml_collections.ConfigDict:
+  """The dataset section of configs/digits.py (batch 64) on the session's data dir."""
+  return load_config('digits.py', data_dir).dataset
+
+
+def train_iterator(dataset, *, batch_size=64, steps_per_call=1, **kwargs):
+  """The digits train iterator of configs/digits.py's seed."""
+  builder = input_pipeline.get_builder(dataset)
+  return input_pipeline.create_train_iterator(
+    builder, dataset, batch_size=batch_size, steps_per_call=steps_per_call, seed=0, **kwargs
+  )
+
+
+def eval_dataset(dataset, split, **kwargs):
+  return input_pipeline.create_eval_dataset(
+    input_pipeline.get_builder(dataset), dataset, split, **kwargs
+  )
 
 
 def keys(images: np.ndarray) -> list[bytes]:
@@ -42,6 +51,7 @@ def keys(images: np.ndarray) -> list[bytes]:
 
 
 def take(iterator, n: int) -> list[np.ndarray]:
+  """The next ``n`` [steps_per_call, B, ...] elements' images."""
   return [next(iterator)['image'] for _ in range(n)]
 
 
@@ -93,20 +103,16 @@ def test_process_shares_partition_the_split(digits_dir, process_count):
   assert len(set(sum(shares, []))) == NUM_TRAIN
 
 
-def test_train_epoch_is_the_process_share(digits_dir):
-  config = make_config(digits_dir)
-  config.dataset.random_flip = False
+def test_train_epoch_is_the_process_share(dataset):
+  dataset.random_flip = False
   for index in range(2):
-    share, _ = input_pipeline.create_eval_dataset(
-      config, 'train', batch_size=64, process_index=index, process_count=2
-    )
+    share, _ = eval_dataset(dataset, 'train', batch_size=64, process_index=index, process_count=2)
     share_keys = [k for b in share for k, m in zip(keys(b['image']), b['mask']) if m]
     batches = take(
-      input_pipeline.create_train_iterator(config, process_index=index, process_count=2),
-      len(share_keys) // 32 + 1,
+      train_iterator(dataset, process_index=index, process_count=2), len(share_keys) // 32 + 1
     )
-    assert all(b.shape == (32, 8, 8, 1) and b.dtype == np.float32 for b in batches)
-    epoch = keys(np.concatenate(batches))[: len(share_keys)]
+    assert all(b.shape == (1, 32, 8, 8, 1) and b.dtype == np.float32 for b in batches)
+    epoch = keys(np.concatenate(batches, axis=1)[0])[: len(share_keys)]
     assert collections.Counter(epoch) == collections.Counter(share_keys)
 
 
@@ -118,46 +124,44 @@ def test_train_epoch_is_the_process_share(digits_dir):
   ],
 )
 def test_resumed_iterator_continues_the_uninterrupted_one(
-  digits_dir, process_index, process_count, steps_per_call, starts
+  dataset, process_index, process_count, steps_per_call, starts
 ):
-  config = make_config(digits_dir, steps_per_call=steps_per_call)
-  make = lambda start: input_pipeline.create_train_iterator(
-    config, start_step=start, process_index=process_index, process_count=process_count
+  make = lambda start: train_iterator(
+    dataset,
+    steps_per_call=steps_per_call,
+    start_step=start,
+    process_index=process_index,
+    process_count=process_count,
   )
   reference = take(make(0), max(starts) + 3)
-  local = 64 // process_count
-  expected_shape = (local,) if steps_per_call == 1 else (steps_per_call, local)
-  assert reference[0].shape == expected_shape + (8, 8, 1)
+  assert reference[0].shape == (steps_per_call, 64 // process_count, 8, 8, 1)
   for start in starts:
     for want, got in zip(reference[start:], take(make(start), 3)):
       np.testing.assert_array_equal(got, want)
 
 
-def test_batches_are_scaled_to_unit_interval(digits_dir):
-  batch = next(
-    input_pipeline.create_train_iterator(make_config(digits_dir), process_index=2, process_count=4)
-  )['image']
-  assert batch.dtype == np.float32 and batch.shape == (16, 8, 8, 1)
+def test_batches_are_scaled_to_unit_interval(dataset):
+  batch = next(train_iterator(dataset, process_index=2, process_count=4))['image']
+  assert batch.dtype == np.float32 and batch.shape == (1, 16, 8, 8, 1)
   assert batch.min() == -1.0 and batch.max() == 1.0
   grid = (batch + 1.0) * 127.5
   np.testing.assert_allclose(grid, np.round(grid), atol=1e-4)  # x / 127.5 - 1 of uint8 x
 
 
-def test_indivisible_global_batch_is_a_clear_error(digits_dir):
+def test_indivisible_global_batch_is_a_clear_error(dataset):
   with pytest.raises(
     ValueError, match='global batch size 64 is not divisible by the number of processes 3'
   ):
-    input_pipeline.create_train_iterator(make_config(digits_dir), process_index=0, process_count=3)
+    train_iterator(dataset, process_index=0, process_count=3)
 
 
 @pytest.mark.parametrize('random_flip', [False, True])
-def test_flips_only_when_configured(digits_dir, random_flip):
-  config = make_config(digits_dir)
-  config.dataset.random_flip = random_flip
-  eval_batches, _ = input_pipeline.create_eval_dataset(config, 'train', batch_size=64)
+def test_flips_only_when_configured(dataset, random_flip):
+  dataset.random_flip = random_flip
+  eval_batches, _ = eval_dataset(dataset, 'train', batch_size=64)
   originals = {k for b in eval_batches for k in keys(b['image'])}
   mirrors = {k for b in eval_batches for k in keys(b['image'][:, :, ::-1])}
-  images = np.concatenate(take(input_pipeline.create_train_iterator(config), 2 * NUM_TRAIN // 64))
+  images = np.concatenate(take(train_iterator(dataset), 2 * NUM_TRAIN // 64), axis=1)[0]
   flipped = [k not in originals for k in keys(images)]
   assert all(k in originals or k in mirrors for k in keys(images))
   if random_flip:
@@ -167,15 +171,11 @@ def test_flips_only_when_configured(digits_dir, random_flip):
 
 
 def test_missing_dataset_raises_with_prepare_command(tmp_path):
-  config = default.get_config()
-  config.dataset.name, config.dataset.data_dir, config.dataset.download = (
-    'cifar10',
-    str(tmp_path),
-    False,
-  )
+  dataset = config_defaults.get_config().dataset
+  dataset.name, dataset.data_dir, dataset.download = 'cifar10', str(tmp_path), False
   start = time.monotonic()
   with pytest.raises(input_pipeline.DatasetNotPreparedError) as error:
-    input_pipeline.check_prepared(config)
+    input_pipeline.get_builder(dataset)
   assert time.monotonic() - start < 10
   command = (
     f"python -c \"import tensorflow_datasets as tfds; tfds.builder('cifar10', "
@@ -193,22 +193,23 @@ def test_missing_dataset_raises_with_prepare_command(tmp_path):
   ],
 )
 def test_manual_datasets_explain_the_manual_steps(tmp_path, name, needles):
-  config = default.get_config()
-  config.dataset.name, config.dataset.data_dir = name, str(tmp_path)
+  dataset = config_defaults.get_config().dataset
+  dataset.name, dataset.data_dir = name, str(tmp_path)
   with pytest.raises(input_pipeline.DatasetNotPreparedError) as error:
-    input_pipeline.check_prepared(config)
+    input_pipeline.get_builder(dataset)
   assert all(needle in str(error.value) for needle in (str(tmp_path),) + needles)
 
 
 @pytest.mark.parametrize('process_count', [1, 2, 3, 4])
-def test_eval_dataset_covers_the_split_once_with_equal_batch_counts(digits_dir, process_count):
-  config = make_config(digits_dir)
+def test_eval_dataset_covers_the_split_once_with_equal_batch_counts(
+  digits_dir, dataset, process_count
+):
   builder = tfds.builder('sklearn_digits', data_dir=str(digits_dir))
   images = tfds.as_numpy(builder.as_dataset(split='train', batch_size=-1))['image']
   real, counts = [], set()
   for index in range(process_count):
-    batches, num_batches = input_pipeline.create_eval_dataset(
-      config, 'train', batch_size=24, process_index=index, process_count=process_count
+    batches, num_batches = eval_dataset(
+      dataset, 'train', batch_size=24, process_index=index, process_count=process_count
     )
     batches = list(batches)
     counts.add((num_batches, len(batches)))
@@ -222,14 +223,14 @@ def test_eval_dataset_covers_the_split_once_with_equal_batch_counts(digits_dir, 
 
 
 def test_preprocess_center_crops_resizes_and_keeps_the_uint8_grid():
-  config = default.get_config()
-  config.dataset.image_size, config.dataset.center_crop = 32, True
+  dataset = config_defaults.get_config().dataset
+  dataset.image_size, dataset.center_crop = 32, True
   image = np.zeros((40, 60, 3), np.uint8)
   image[:, 10:50] = 200  # the centered 40x40 square; the 10-pixel bands at the sides are cropped
-  out = input_pipeline.preprocess(tf.constant(image), config).numpy()
+  out = input_pipeline.preprocess(tf.constant(image), dataset).numpy()
   assert out.shape == (32, 32, 3) and out.dtype == np.float32
   np.testing.assert_allclose(out, 200 / 127.5 - 1.0, rtol=1e-6)
   ramp = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64, 1)
-  gray = input_pipeline.preprocess(tf.constant(ramp), config).numpy()
+  gray = input_pipeline.preprocess(tf.constant(ramp), dataset).numpy()
   assert gray.shape == (32, 32, 1) and -1.0 <= gray.min() <= gray.max() <= 1.0
   np.testing.assert_allclose((gray + 1) * 127.5, np.round((gray + 1) * 127.5), atol=1e-4)

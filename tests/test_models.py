@@ -1,4 +1,4 @@
-"""Tests of the DDPM U-Net: sizes and names, dropout, dtypes, and its layers against independent references."""
+"""The DDPM U-Net: sizes, names, dropout, dtypes, and its layers against independent references."""
 
 import functools
 import types
@@ -18,7 +18,7 @@ SMALL = dict(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions
 
 
 def _abstract_params(model, size, channels=3, batch=1):
-  """Parameter shapes and dtypes of `model` for [batch, size, size, channels] inputs, without computing."""
+  """Parameter shapes and dtypes of ``model`` on [batch, size, size, channels], not computed."""
   x = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((batch,), jnp.int32)
   return jax.eval_shape(model.init, jax.random.key(0), x, t)['params']
@@ -29,7 +29,7 @@ def _num_params(params):
 
 
 def _random_params(params, seed):
-  """Random float32 values in the shapes of `params`: unit-gain kernels, perturbed scales, non-zero biases."""
+  """Random float32 values shaped as ``params``: unit-gain kernels, perturbed scales, biases."""
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -47,7 +47,7 @@ def _random_params(params, seed):
 
 @functools.partial(jax.jit, static_argnames=('model', 'train'))
 def _forward(model, params, x, t, key, train):
-  """One jitted forward pass; always passes a dropout key so train=False calls share one compilation."""
+  """One jitted forward pass; always given a dropout key, so train=False calls share one compile."""
   return model.apply({'params': params}, x, t, train=train, rngs={'dropout': key})
 
 
@@ -57,7 +57,7 @@ def small():
   model = UNet(**SMALL, dropout=0.1)
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1), minval=-1.0, maxval=1.0)
   t = jnp.array([0, 999], jnp.int32)
-  # An 'rbg' key: compiling the init with the default threefry PRNG takes several times longer on CPU.
+  # An 'rbg' key: compiling the init with the default threefry PRNG takes several times longer.
   params = jax.jit(model.init)(jax.random.key(0, impl='rbg'), x, t)['params']
   return types.SimpleNamespace(
     model=model, x=x, t=t, params=params, random_params=_random_params(params, seed=0)
@@ -168,7 +168,7 @@ def test_timestep_embedding_matches_numpy_formula():
 
 
 def test_output_is_near_zero_at_init(small):
-  # conv_out's kernel starts at scale 1e-10: |w| <= sqrt(3e-10 / fan_avg) ~ 1.4e-6 here, so |out| ~ 1e-5.
+  # conv_out's kernel starts at scale 1e-10: |w| <= sqrt(3e-10 / fan_avg) ~ 1.4e-6, so |out| ~ 1e-5.
   init_out = _forward(small.model, small.params, small.x, small.t, jax.random.key(0), train=False)
   assert np.abs(np.asarray(init_out)).max() < 1e-4
   assert np.abs(np.asarray(small.params['conv_out']['kernel'])).max() < 2e-6

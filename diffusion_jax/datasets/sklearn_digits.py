@@ -39,7 +39,7 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn's 8x8 digits as 8x8x1 uint8 images, with a stratified 1497/300 train/test split."""
+  """scikit-learn's 8x8 digits as 8x8x1 uint8 images, stratified into 1497 train / 300 test."""
 
   name = 'sklearn_digits'
   VERSION = tfds.core.Version('2.0.0')

@@ -1,4 +1,10 @@
-"""Shared defaults: the paper's settings (Ho et al. 2020, Appendix B) for a 32x32 model."""
+"""Shared config defaults: the paper's settings (Ho et al. 2020, Appendix B) for a 32x32 model.
+
+The config files of the top-level ``configs/`` folder start from these.
+"""
+
+import importlib.util
+import pathlib
 
 import ml_collections
 
@@ -72,9 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.in_loop_num_samples = 2048  # as the original's 256x256 runs
   config.eval.inception_path = ml_collections.config_dict.placeholder(str)  # FID Inception .npz
   config.eval.reference_split = 'train'  # the paper's FID 3.17 is against train (5.24 test)
-  config.eval.reference_dir = ml_collections.config_dict.placeholder(
-    str
-  )  # None: <workdir>/fid_stats
+  # Where FID reference statistics are cached; None: <workdir>/fid_stats.
+  config.eval.reference_dir = ml_collections.config_dict.placeholder(str)
+  # FID reference images: the first N of reference_split (None: all of it). The paper's CIFAR10
+  # FID uses the 50,000 train images; its LSUN FIDs 50,000 train images through StyleGAN2's code.
+  config.eval.reference_num_examples = ml_collections.config_dict.placeholder(int)
   config.eval.nll_split = 'test'
   config.eval.nll_num_examples = ml_collections.config_dict.placeholder(int)  # None: whole split
   return config
@@ -87,7 +95,7 @@ def get_256_config(
   config = get_config()
   config.dataset.name = dataset
   config.dataset.image_size = 256
-  config.dataset.random_flip = random_flip  # the paper flips all but LSUN bedroom
+  config.dataset.random_flip = random_flip
   config.dataset.center_crop = dataset.startswith('lsun/')
   config.dataset.shuffle_buffer_size = 10_000
   config.model.ch_mult = (1, 1, 2, 2, 4, 4)
@@ -98,4 +106,17 @@ def get_256_config(
   config.train.num_train_steps = num_train_steps
   config.train.checkpoint_every_steps = 5_000
   config.train.num_sample_images = 16
+  if dataset.startswith('lsun/'):
+    config.eval.reference_num_examples = 50_000  # the paper's LSUN FID protocol
   return config
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """A config file as ``--config`` reads it: ``configs/digits.py`` or ``configs/digits.py:tiny``."""
+  path, _, variant = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  if module_spec is None:
+    raise FileNotFoundError(f'No config file at {path!r}.')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()

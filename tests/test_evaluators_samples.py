@@ -1,0 +1,71 @@
+"""Sample chunks for the evaluators on 8 CPU devices: chunk sizes, the chunks' keys, gathering
+exactly N rows (and no more chunks than needed), and peeking at the first images."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion_jax import images, parallel
+from diffusion_jax.evaluators import samples
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return parallel.make_mesh()
+
+
+@pytest.mark.parametrize(
+  'batch_size, num_samples, expected',
+  [(16, 20, 16), (100, 20, 24), (5, 100, 8), (256, 50_000, 256), (250, 50_000, 256)],
+)
+def test_chunk_size_is_the_smaller_rounded_up_to_the_devices(batch_size, num_samples, expected):
+  assert samples.chunk_size(batch_size, num_samples, 8) == expected
+
+
+def fake_sample_fn(mesh, chunk_size):
+  """``sample(params, rng)``: noise of the key, [chunk_size, 2, 2, 1] in [-1, 1] on the mesh."""
+  sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+  return jax.jit(
+    lambda params, rng: params * jax.random.uniform(rng, (chunk_size, 2, 2, 1), minval=-1),
+    out_shardings=sharding,
+  )
+
+
+def test_chunks_cover_the_samples_each_with_its_own_key(mesh):
+  sampler = samples.ChunkedSampler(fake_sample_fn(mesh, 8), 8)
+  rng = jax.random.PRNGKey(3)
+  chunks = list(sampler.chunks(1.0, rng, 20))
+  assert len(chunks) == 3
+  expected = [sampler.sample_fn(1.0, jax.random.fold_in(rng, c)) for c in range(3)]
+  chex.assert_trees_all_equal(chunks, expected)
+
+
+def test_gathered_rows_are_exactly_n_and_stop_pulling(mesh):
+  sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
+  pulled = []
+
+  def chunks():
+    for c in range(5):
+      pulled.append(c)
+      rows = np.arange(8 * c, 8 * c + 8)
+      yield {'a': jax.device_put(rows, sharding), 'b': jax.device_put(-rows, sharding)}
+
+  out = list(samples.gathered_rows(chunks(), 19))
+  assert pulled == [0, 1, 2]  # the 4th chunk is never drawn
+  assert [len(rows['a']) for rows in out] == [8, 8, 3]
+  gathered = jax.tree.map(lambda *xs: np.concatenate(xs), *out)
+  chex.assert_trees_all_equal(gathered, {'a': np.arange(19), 'b': -np.arange(19)})
+
+
+def test_peek_images_returns_the_first_as_uint8_and_every_chunk(mesh):
+  sampler = samples.ChunkedSampler(fake_sample_fn(mesh, 8), 8)
+  rng = jax.random.PRNGKey(0)
+  first, chunks = samples.peek_images(sampler.chunks(1.0, rng, 16), 5)
+  chunks = list(chunks)
+  assert len(chunks) == 2
+  chex.assert_trees_all_equal(chunks, list(sampler.chunks(1.0, rng, 16)))
+  np.testing.assert_array_equal(first, images.to_uint8(parallel.gather(chunks[0])[:5]))
+  assert first.dtype == np.uint8 and first.shape == (5, 2, 2, 1)

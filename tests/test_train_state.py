@@ -1,0 +1,112 @@
+"""The train state: creation, the optimizer step with its EMA, checkpoints of earlier layouts."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import optax
+
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import parallel, train, train_state
+
+from conftest import REPO, load_config
+
+# Written by the first layout (before train_state.py existed): a tiny digits U-Net after one
+# train step on 2 devices, saved as step 1, with a SHA-256 of every leaf of the saved state.
+OLD_CHECKPOINT = REPO / 'tests' / 'data' / 'old_layout_checkpoint'
+
+
+def old_layout_config():
+  """The config that wrote OLD_CHECKPOINT."""
+  config = load_config('digits.py')
+  config.model.update(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+  config.diffusion.num_diffusion_timesteps = 20
+  return config
+
+
+def leaf_digests(state) -> dict[str, dict]:
+  """Path -> shape, dtype and SHA-256 of every leaf, as state_leaves.json records them."""
+  return {
+    jax.tree_util.keystr(path): {
+      'shape': list(np.shape(leaf)),
+      'dtype': str(np.asarray(leaf).dtype),
+      'sha256': hashlib.sha256(np.ascontiguousarray(leaf).tobytes()).hexdigest(),
+    }
+    for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state))
+  }
+
+
+def test_checkpoint_of_the_first_layout_restores_bit_for_bit(tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(OLD_CHECKPOINT, workdir)
+  factory = train_state.StateFactory.from_config(old_layout_config())
+  state = train_state.restore_latest(workdir, factory.abstract(parallel.make_mesh()))
+  expected = json.loads((OLD_CHECKPOINT / 'state_leaves.json').read_text())
+  assert int(state.step) == 1
+  assert leaf_digests(state) == expected  # the same tree paths, shapes, dtypes and bytes
+
+
+def one_step_digests() -> dict[str, dict]:
+  """Leaf digests of the state after OLD_CHECKPOINT's train step, computed by this layout."""
+  config = old_layout_config()
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  factory = train_state.StateFactory.from_config(config)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  step = train.make_train_step(config.optim, factory.model, diffusion, mesh)
+  images = np.random.default_rng(0).uniform(-1, 1, (1, 8, 8, 8, 1)).astype(np.float32)
+  state, _ = step(factory.create(mesh), parallel.shard_steps(mesh, images))
+  return leaf_digests(state)
+
+
+def test_one_step_of_this_layout_reproduces_the_first_layouts_state():
+  """Init, per-example draws, per-device clipping, Adam and EMA are unchanged, bit for bit.
+
+  Run as the checkpoint was written, in a process of 2 CPU devices: XLA:CPU may sum a gradient
+  in another order when the host is split into more devices.
+  """
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  code = 'import json, test_train_state as t; print(json.dumps(t.one_step_digests()))'
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO / 'tests', env=env, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  expected = json.loads((OLD_CHECKPOINT / 'state_leaves.json').read_text())
+  assert json.loads(out.stdout.splitlines()[-1]) == expected
+
+
+def test_create_copies_params_into_the_ema_and_starts_at_step_0():
+  params = {'w': np.arange(3.0, dtype=np.float32)}
+  tx = optax.sgd(0.5)
+  state = train_state.TrainState.create(
+    params=params, tx=tx, ema_decay=0.9, rng=jax.random.PRNGKey(0)
+  )
+  assert int(state.step) == 0
+  chex.assert_trees_all_equal(state.ema_params, params)
+  chex.assert_trees_all_equal(state.opt_state, tx.init(params))
+
+
+def test_apply_gradients_steps_the_optimizer_then_the_ema():
+  params = {'w': np.array([1.0, -2.0], np.float32)}
+  state = train_state.TrainState.create(
+    params=params, tx=optax.sgd(0.5), ema_decay=0.9, rng=jax.random.PRNGKey(0)
+  )
+  state = state.apply_gradients({'w': np.array([2.0, 2.0], np.float32)})
+  new = np.array([0.0, -3.0], np.float32)  # w - 0.5 * g
+  assert int(state.step) == 1
+  np.testing.assert_allclose(state.params['w'], new)
+  np.testing.assert_allclose(state.ema_params['w'], 0.9 * params['w'] + 0.1 * new, rtol=1e-6)
+
+
+def test_the_optimizer_and_ema_decay_are_not_part_of_the_checkpointed_tree():
+  factory = train_state.StateFactory.from_config(old_layout_config())
+  abstract = factory.abstract(parallel.make_mesh())
+  tops = {
+    jax.tree_util.keystr(path[:1]) for path, _ in jax.tree_util.tree_leaves_with_path(abstract)
+  }
+  assert tops == {'.step', '.params', '.ema_params', '.opt_state', '.rng'}

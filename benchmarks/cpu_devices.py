@@ -8,6 +8,7 @@ compile-and-warm-up step. The runs alternate so that machine noise hits both set
 the ratio of the medians is the figure to quote.
 """
 
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -15,12 +16,19 @@ import time
 
 from absl import app, flags
 
-from configs import digits
+from diffusion_jax import config_defaults
+
+DIGITS_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'digits.py'
 
 _DEVICES = flags.DEFINE_integer('devices', 2, 'CPU devices to compare against one.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Alternating runs per setting.')
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per run.')
 _CHILD = flags.DEFINE_integer('child', 0, 'Internal: time the step on this many devices.')
+
+
+def digits_config():
+  """configs/digits.py, the embedded default."""
+  return config_defaults.load(str(DIGITS_CONFIG))
 
 
 def time_step(num_devices: int, steps: int) -> float:
@@ -31,21 +39,17 @@ def time_step(num_devices: int, steps: int) -> float:
   import numpy as np
 
   from diffusion_jax import diffusion as diffusion_lib
-  from diffusion_jax import sampling, train
+  from diffusion_jax import parallel, train, train_state
 
-  config = digits.get_config()
-  mesh = sampling.make_mesh()
-  model, optimizer = train.create_model(config), train.create_optimizer(config)
-  step = train.make_train_step(
-    config, model, diffusion_lib.GaussianDiffusion.from_config(config.diffusion), optimizer, mesh
-  )
-  state = train.init_train_state(config, model, optimizer, mesh)
-  images = (
-    np.random.default_rng(0)
-    .uniform(-1, 1, (1, config.train.batch_size, *train.image_shape(config)))
-    .astype(np.float32)
-  )
-  batch = train.global_batch(mesh, images)
+  config = digits_config()
+  mesh = parallel.make_mesh()
+  factory = train_state.StateFactory.from_config(config)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  step = train.make_train_step(config.optim, factory.model, diffusion, mesh)
+  state = factory.create(mesh)
+  shape = (1, config.train.batch_size, *factory.image_shape)
+  images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  batch = parallel.shard_steps(mesh, images)
   state, _ = step(state, batch)
   jax.block_until_ready(state)
   start = time.perf_counter()
@@ -71,7 +75,7 @@ def main(argv):
       ).stdout
       times[n].append(float(out.split()[-1]))
   one, many = (statistics.median(times[n]) for n in times)
-  batch_size = digits.get_config().train.batch_size
+  batch_size = digits_config().train.batch_size
   print(f'digits train step (batch {batch_size}), median of {_REPEATS.value} alternating runs:')
   for n, ts in times.items():
     print(

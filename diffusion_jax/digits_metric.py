@@ -32,16 +32,17 @@ Re-exported from ``digits_classifier``: ``DATASET_NAME``, ``FEATURE_DIM``, ``IMA
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from etils import epath
+from ml_collections import config_flags
 
 from diffusion_jax import feature_metrics, input_pipeline, npz
 from diffusion_jax.digits_classifier import (  # noqa: F401  (re-exported)
@@ -220,10 +221,11 @@ def _format(metrics: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def _main(argv: list[str]) -> None:
+def main(argv: list[str]) -> None:
   """Prints the digits metrics of an .npz of samples next to the real-digit baseline."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  tf.config.set_visible_devices([], 'GPU')  # TF only reads data
   config = FLAGS.config
   if FLAGS.data_dir is not None:
     config.dataset.data_dir = FLAGS.data_dir
@@ -257,12 +259,8 @@ def _main(argv: list[str]) -> None:
     )
 
 
-if __name__ == '__main__':
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  tf.config.set_visible_devices([], 'GPU')
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so importing never clashes)."""
   flags.DEFINE_string(
     'npz', None, 'An .npz with `images` uint8 [N, 8, 8, 1] (as --mode=sample writes).'
   )
@@ -285,4 +283,8 @@ if __name__ == '__main__':
   )
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
   flags.mark_flag_as_required('npz')
-  app.run(_main)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -8,13 +8,10 @@ AuxLogits and a 1008-way fc. Images are NHWC in [0, 1] of any size; they are res
 like torch's ``F.interpolate(mode='bilinear', align_corners=False)`` and scaled to [-1, 1].
 Outputs are the 2048-d pool3 features (global average after Mixed_7c) and the 1008 logits.
 
-Param names mirror torchvision's Inception3 (torch key -> Flax path, '/'-joined in the .npz):
-  <block>[.<branch>].conv.weight (O, I, kh, kw)     -> <block>[/<branch>]/conv/kernel (kh, kw, I, O)
-  <block>[.<branch>].bn.weight / .bias              -> <block>[/<branch>]/bn/scale / bn/bias
-  <block>[.<branch>].bn.running_mean / .running_var -> <block>[/<branch>]/bn/mean / bn/var
-  fc.weight (1008, 2048) / fc.bias                  -> fc/kernel (2048, 1008) / fc/bias
-with torchvision's block and branch names (Conv2d_1a_3x3, ..., Mixed_5b/5c/5d (A), Mixed_6a (B),
-Mixed_6b..6e (C), Mixed_7a (D), Mixed_7b/7c (E); branch1x1, branch5x5_1, branch_pool, ...).
+Param names mirror torchvision's Inception3 ('/'-joined in the .npz): torch's
+``<block>[.<branch>].conv.weight`` (O, I, kh, kw) is ``<block>[/<branch>]/conv/kernel`` (kh, kw, I,
+O); ``.bn.weight/bias/running_mean/running_var`` are ``bn/scale/bias/mean/var``; ``fc.weight``
+(1008, 2048) is ``fc/kernel`` (2048, 1008).
 
 Weights: convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth once (needs torch) with
   python -m diffusion_jax.fid --pytorch_fid_weights=pt_inception-2015-12-05-6726825d.pth \\
@@ -376,24 +373,27 @@ def read_torch_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- command line
 
+FLAGS = flags.FLAGS
+
 
 def main(argv: list[str]) -> None:
   """Converts pytorch-fid's .pth weights into this module's .npz."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  params = params_from_pytorch_fid(read_torch_state_dict(flags.FLAGS.pytorch_fid_weights))
-  save_params(flags.FLAGS.output, params)
-  logging.info('wrote %d FID Inception tensors to %s', len(param_shapes()), flags.FLAGS.output)
+  params = params_from_pytorch_fid(read_torch_state_dict(FLAGS.pytorch_fid_weights))
+  save_params(FLAGS.output, params)
+  logging.info('wrote %d FID Inception tensors to %s', len(param_shapes()), FLAGS.output)
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so importing never clashes)."""
+  flags.DEFINE_string(
+    'pytorch_fid_weights', None, f"pytorch-fid's {PYTORCH_FID_WEIGHTS} ({PYTORCH_FID_WEIGHTS_URL})"
+  )
+  flags.DEFINE_string('output', 'inception_fid.npz', 'Where to write the Flax params (.npz).')
+  flags.mark_flag_as_required('pytorch_fid_weights')
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string(
-    'pytorch_fid_weights',
-    None,
-    f"path of pytorch-fid's {PYTORCH_FID_WEIGHTS} ({PYTORCH_FID_WEIGHTS_URL})",
-  )
-  flags.DEFINE_string(
-    'output', 'inception_fid.npz', 'where to write the converted Flax params (.npz)'
-  )
-  flags.mark_flag_as_required('pytorch_fid_weights')
+  define_flags()
   app.run(main)

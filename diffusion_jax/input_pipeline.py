@@ -1,8 +1,8 @@
 """Deterministic, resumable, per-process TFDS input pipelines for DDPM training and evaluation.
 
-Images are decoded, optionally center-cropped to a square, resized to `image_size`, randomly
+Images are decoded, optionally center-cropped to a square, resized to ``image_size``, randomly
 flipped (train only) and scaled from uint8 [0, 255] to float32 [-1, 1] as x / 127.5 - 1.
-Each process reads its own share of a split (`tfds.split_for_jax_process`) and yields numpy
+Each process reads its own share of a split (``tfds.split_for_jax_process``) and yields numpy
 batches of its share of the global batch size.
 """
 
@@ -20,7 +20,7 @@ from diffusion_jax.errors import SetupError
 
 Batch = dict[str, np.ndarray]
 
-# Raw files that TFDS cannot download itself, by dataset family; `{...}` is filled per builder.
+# Raw files that TFDS cannot download itself, by dataset family; ``{...}`` is filled per builder.
 _MANUAL_STEPS = {
   'lsun': (
     'LSUN: TFDS downloads the LMDB zips from http://dl.yf.io/lsun/. If that server does\n'
@@ -63,12 +63,12 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def process_split(split: str, process_index: int, process_count: int) -> tfds.typing.SplitArg:
-  """Returns this process's share of `split`: contiguous, disjoint, sizes differing by at most 1."""
+  """This process's share of ``split``: contiguous, disjoint, sizes differing by at most 1."""
   return tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
 
 
 def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
-  """Returns how to prepare `builder`'s dataset in its data dir, with manual steps if needed."""
+  """Returns how to prepare ``builder``'s dataset in its data dir, with manual steps if needed."""
   name = builder.info.full_name.rsplit('/', 1)[0]  # 'lsun/bedroom', without the version
   data_dir = builder.data_dir_root
   command = (
@@ -77,7 +77,7 @@ def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
   )
   message = (
     f"Dataset '{name}' is not prepared in {data_dir} (expected {builder.data_dir}).\n"
-    f'Prepare it on a machine with internet access (the `tfds build` CLI of this stack\n'
+    f'Prepare it on a machine with internet access (the ``tfds build`` CLI of this stack\n'
     f'needs apache_beam):\n  {command}\n'
     'or re-run training with --config.dataset.download=True on a machine with internet '
     'access.'
@@ -99,7 +99,7 @@ def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
 
 
 def get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The prepared builder of ``config.dataset``: builds `sklearn_digits` offline, downloads only if
+  """The prepared builder of ``config.dataset``: builds ``sklearn_digits`` offline, downloads if
   ``download`` allows, else raises DatasetNotPreparedError with the command that prepares it."""
   builder = tfds.builder(dataset_config.name, data_dir=dataset_config.data_dir)
   if builder.name == sklearn_digits.SklearnDigits.name:
@@ -128,7 +128,7 @@ def _encoded_images(
   *,
   shuffle_seed: int | None = None,
 ) -> tf.data.Dataset:
-  """Returns the still-encoded image bytes of `split` (files shuffled once if a seed is given)."""
+  """Returns the still-encoded image bytes of ``split`` (files shuffled once if a seed is given)."""
   ds = builder.as_dataset(
     split=split,
     shuffle_files=shuffle_seed is not None,
@@ -180,9 +180,9 @@ def _shuffled_epochs(
   skip: int,
   buffer_size: int,
 ) -> tf.data.Dataset:
-  """Returns infinite (flip seed, encoded image) epochs from `start_epoch`, skipping `skip` first.
+  """Infinite (flip seed, encoded image) epochs from ``start_epoch``, skipping the first ``skip``.
 
-  Epoch e is `encoded` shuffled with a seed folded from (seed, e), so its order does not depend on
+  Epoch e is ``encoded`` shuffled with a seed folded from (seed, e), so its order does not depend on
   where iteration started; each element's flip seed is folded from (epoch seed, index in epoch).
   """
   buffer_size = min(buffer_size, num_examples)
@@ -209,12 +209,13 @@ def create_train_iterator(
 ) -> Iterator[Batch]:
   """This process's infinite, deterministic, resumable iterator of train batches.
 
-  Yields `{'image': float32 [steps_per_call, B, H, W, C]}`, B = batch_size // process_count
+  Yields ``{'image': float32 [steps_per_call, B, H, W, C]}``, B = batch_size // process_count
   (``batch_size`` is global). A "step" here is one yielded element, i.e. one host call of
-  `steps_per_call` optimizer steps, so resume with `start_step = optimizer_step // steps_per_call`.
+  ``steps_per_call`` optimizer steps, so resume with
+  ``start_step = optimizer_step // steps_per_call``.
   Contract: for the same builder, dataset config, seed, batch size, steps_per_call and process
-  index/count, the iterator built with `start_step=s` yields exactly the batches the
-  `start_step=0` iterator yields from its s-th element (0-based) on.
+  index/count, the iterator built with ``start_step=s`` yields exactly the batches the
+  ``start_step=0`` iterator yields from its s-th element (0-based) on.
 
   The process's share is read as an endless stream of epochs; epoch e is the share shuffled with a
   seed derived from (seed, process, e) and flips are seeded by (that seed, index in epoch), so
@@ -222,7 +223,7 @@ def create_train_iterator(
   start_step * steps_per_call * B elements of that stream: whole epochs by arithmetic, then the
   rest of the start epoch on still-encoded records (no decoding). Files are shuffled once per
   process (a fixed order across epochs); shuffling within an epoch is exact if the share fits in
-  `shuffle_buffer_size` and a sliding-window shuffle otherwise. The order changes if the process
+  ``shuffle_buffer_size`` and a sliding-window shuffle otherwise. The order changes if the process
   count changes.
   """
   process_index, process_count = _process(process_index, process_count)
@@ -255,7 +256,7 @@ def create_train_iterator(
 
 
 def _padding(element_spec: dict[str, tf.TensorSpec], count: int) -> tf.data.Dataset:
-  """Returns `count` all-zero elements of `element_spec` (so with mask 0)."""
+  """Returns ``count`` all-zero elements of ``element_spec`` (so with mask 0)."""
   zeros = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in element_spec.items()}
   return tf.data.Dataset.from_tensors(zeros).repeat(count)
 
@@ -269,12 +270,12 @@ def create_eval_dataset(
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> tuple[Iterable[Batch], int]:
-  """(Re-iterable batches of one pass over this process's share of `split`, num_batches).
+  """(Re-iterable batches of one pass over this process's share of ``split``, num_batches).
 
-  `batch_size` is global; each process gets batch_size // process_count rows per batch as
-  `{'image': float32 [B, H, W, C], 'mask': float32 [B]}`, in file order, without flips. Every
+  ``batch_size`` is global; each process gets batch_size // process_count rows per batch as
+  ``{'image': float32 [B, H, W, C], 'mask': float32 [B]}``, in file order, without flips. Every
   example of the split is in exactly one process's share with mask 1; shares are padded with
-  all-zero rows of mask 0 up to ceil(largest share / B) batches, so `num_batches` is the same on
+  all-zero rows of mask 0 up to ceil(largest share / B) batches, so ``num_batches`` is the same on
   every process and all hosts run the same number of (collective) eval steps.
   """
   process_index, process_count = _process(process_index, process_count)

@@ -9,7 +9,7 @@ t=1):
   eps = model.apply({'params': params}, x, t, train=True, rngs={'dropout': key})
 
 Parameter names are fixed: they mirror the original TF variable scopes, and weight importers
-rely on them. `i` is the resolution level (0 = full resolution, len(ch_mult) - 1 = lowest), `j`
+rely on them. ``i`` is the resolution level (0 = full resolution, len(ch_mult) - 1 = lowest), ``j``
 the block within a level; the up path visits i = len(ch_mult) - 1, ..., 0 and has
 num_res_blocks + 1 blocks per level.
 
@@ -26,9 +26,9 @@ num_res_blocks + 1 blocks per level.
   up_{i}_upsample           Upsample     conv (3x3)
 
 Attention blocks follow every block whose output resolution is in attn_resolutions;
-`down_{i}_downsample` exists for i < len(ch_mult) - 1 and `up_{i}_upsample` for i > 0, and
+``down_{i}_downsample`` exists for i < len(ch_mult) - 1 and ``up_{i}_upsample`` for i > 0, and
 neither has parameters (nor appears) without resamp_with_conv. Parameters are always float32;
-`dtype` (a dtype or its name, e.g. 'bfloat16') is the compute dtype, and the output is float32.
+``dtype`` (a dtype or its name, e.g. 'bfloat16') is the compute dtype, and the output is float32.
 """
 
 import functools
@@ -62,7 +62,7 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Arra
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
-  """The floating compute dtype named by `dtype` (a dtype or a name such as 'bfloat16')."""
+  """The floating compute dtype named by ``dtype`` (a dtype or a name such as 'bfloat16')."""
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
@@ -101,7 +101,7 @@ def _conv3x3(
 def _dense(
   features: int, dtype: Any, name: str, kernel_init: nn.initializers.Initializer = DEFAULT_INIT
 ) -> nn.Dense:
-  """Dense over the last axis (the original's `dense`, and `nin` for a 1x1 projection over
+  """Dense over the last axis (the original's ``dense``, and ``nin`` for a 1x1 projection over
   channels)."""
   return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, name=name)
 

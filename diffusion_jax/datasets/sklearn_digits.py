@@ -1,4 +1,4 @@
-"""`sklearn_digits`: scikit-learn's bundled 8x8 handwritten digits as a native 8x8 TFDS dataset.
+"""``sklearn_digits``: scikit-learn's bundled 8x8 handwritten digits as a native 8x8 TFDS dataset.
 
 The 1797 images ship inside scikit-learn, so the dataset builds offline on first use.
 8x8 because upscaling adds no information to the 8x8 source while multiplying the compute, and
@@ -31,7 +31,7 @@ def to_image(digit: np.ndarray) -> np.ndarray:
 
 
 def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
-  """Returns the stratified, seeded train/test indices into `load_digits()`."""
+  """Returns the stratified, seeded train/test indices into ``load_digits()``."""
   train, test = model_selection.train_test_split(
     np.arange(len(labels)), test_size=NUM_TEST, stratify=labels, random_state=_SPLIT_SEED
   )
@@ -49,7 +49,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   }
 
   def _info(self) -> tfds.core.DatasetInfo:
-    # Built directly: `dataset_info_from_configs()` needs a dataset package directory.
+    # Built directly: ``dataset_info_from_configs()`` needs a dataset package directory.
     return tfds.core.DatasetInfo(
       builder=self,
       description=__doc__,

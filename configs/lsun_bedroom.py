@@ -9,5 +9,5 @@ from diffusion_jax import config_defaults
 
 def get_config():
   return config_defaults.get_256_config(
-    'lsun/bedroom', num_train_steps=2_400_000, random_flip=False
+    'lsun_lmdb/bedroom', num_train_steps=2_400_000, random_flip=False
   )

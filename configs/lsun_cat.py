@@ -8,4 +8,6 @@ from diffusion_jax import config_defaults
 
 
 def get_config():
-  return config_defaults.get_256_config('lsun/cat', num_train_steps=1_800_000, random_flip=True)
+  return config_defaults.get_256_config(
+    'lsun_lmdb/cat', num_train_steps=1_800_000, random_flip=True
+  )

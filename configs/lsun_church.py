@@ -5,5 +5,5 @@ from diffusion_jax import config_defaults
 
 def get_config():
   return config_defaults.get_256_config(
-    'lsun/church_outdoor', num_train_steps=1_200_000, random_flip=True
+    'lsun_lmdb/church_outdoor', num_train_steps=1_200_000, random_flip=True
   )

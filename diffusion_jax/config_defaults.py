@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir; may be gs://
   config.dataset.download = False  # never let an offline machine hang on retries
   config.dataset.train_split = 'train'
+  # The held-out split (bits/dim); None if the data set has none.
+  config.dataset.eval_split = ml_collections.config_dict.placeholder(str)
   config.dataset.eval_split = 'test'
   config.dataset.image_size = 32
   config.dataset.num_channels = 3
@@ -83,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   # FID reference images: the first N of reference_split (None: all of it). The paper's CIFAR10
   # FID uses the 50,000 train images; its LSUN FIDs 50,000 train images through StyleGAN2's code.
   config.eval.reference_num_examples = ml_collections.config_dict.placeholder(int)
-  config.eval.nll_split = 'test'
+  config.eval.nll_split = ml_collections.config_dict.placeholder(str)  # None: dataset.eval_split
   config.eval.nll_num_examples = ml_collections.config_dict.placeholder(int)  # None: whole split
   return config
 
@@ -96,7 +98,7 @@ def get_256_config(
   config.dataset.name = dataset
   config.dataset.image_size = 256
   config.dataset.random_flip = random_flip
-  config.dataset.center_crop = dataset.startswith('lsun/')
+  config.dataset.center_crop = dataset.startswith(('lsun/', 'lsun_lmdb/'))
   config.dataset.shuffle_buffer_size = 10_000
   config.model.ch_mult = (1, 1, 2, 2, 4, 4)
   config.model.dropout = 0.0
@@ -106,8 +108,13 @@ def get_256_config(
   config.train.num_train_steps = num_train_steps
   config.train.checkpoint_every_steps = 5_000
   config.train.num_sample_images = 16
-  if dataset.startswith('lsun/'):
+  if dataset.startswith(('lsun/', 'lsun_lmdb/')):
     config.eval.reference_num_examples = 50_000  # the paper's LSUN FID protocol
+  # LSUN's scenes have train and validation splits, its objects (cat) and CelebA-HQ only train;
+  # the paper reports no NLL for either.
+  config.dataset.eval_split = (
+    'validation' if dataset.endswith(('bedroom', 'church_outdoor')) else None
+  )
   return config
 
 

@@ -184,7 +184,7 @@ def read_diffusers(
     raise ConversionError(f'No config.json beside {weights}: download it from the same repo.')
   model_config = json.loads(config_path.read_text())
   if weights.name.endswith('.safetensors'):
-    state_dict = safetensors.numpy.load_file(os.fspath(weights))
+    state_dict = safetensors.numpy.load(weights.read_bytes())  # any epath, gs:// too
   elif weights.name.endswith('.bin'):
     try:
       state_dict = torch_weights.read_state_dict(

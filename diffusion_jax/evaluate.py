@@ -43,6 +43,18 @@ from diffusion_jax.evaluators import bound, digits, inception, samples
 NUM_GRID_IMAGES = 64
 
 
+def bound_split(config: ml_collections.ConfigDict) -> str | None:
+  """The split of the bound: ``eval.nll_split``, else the data set's held-out ``eval_split`` (None
+  if it has none), cut to ``eval.nll_num_examples``."""
+  split = config.eval.nll_split or config.dataset.eval_split
+  return None if split is None else first_examples(split, config.eval.nll_num_examples)
+
+
+def reference_split(config: ml_collections.ConfigDict) -> str:
+  """The FID reference split: ``eval.reference_split`` cut to ``eval.reference_num_examples``."""
+  return first_examples(config.eval.reference_split, config.eval.reference_num_examples)
+
+
 def first_examples(split: str, num_examples: int | None) -> str:
   """``split`` cut to its first ``num_examples`` examples (all of it if None), as TFDS reads it."""
   return split if num_examples is None else f'{split}[:{num_examples}]'
@@ -136,6 +148,9 @@ def build_evaluator(
 ) -> Evaluator:
   """An Evaluator of ``num_samples`` samples and, unless ``nll_split`` is None, bits/dim on it."""
   validation.check_eval(config)
+  validation.check_splits(
+    builder, {'eval.reference_split': reference_split(config), 'eval.nll_split': nll_split}
+  )
   ev, clip_denoised = config.eval, config.train.clip_denoised
   chunk_size = samples.chunk_size(ev.batch_size, num_samples, mesh.devices.size)
   sample_fn = sampling.make_sample_fn(
@@ -156,15 +171,14 @@ def build_evaluator(
       builder, config.dataset, nll_split, batch_size=batch_size
     )
     nll_fn = bound.BoundEvaluator(bpd_fn, nll_batches, mesh)
-  reference_split = first_examples(ev.reference_split, ev.reference_num_examples)
   return Evaluator(
     sampler=samples.ChunkedSampler(sample_fn, chunk_size),
     num_samples=num_samples,
     score=make_score_fn(
-      config, workdir, builder, mesh, reference_split=reference_split, batch_size=batch_size
+      config, workdir, builder, mesh, reference_split=reference_split(config), batch_size=batch_size
     ),
-    reference_split=reference_split,
-    reference_count=builder.info.splits[reference_split].num_examples,
+    reference_split=reference_split(config),
+    reference_count=builder.info.splits[reference_split(config)].num_examples,
     nll_fn=nll_fn,
     nll_split=nll_split,
     rng=rngs.key(config.seed, 'eval'),
@@ -192,7 +206,7 @@ def make_in_loop_evaluator(
     mesh,
     image_shape=train_state.StateFactory.from_config(config).image_shape,
     num_samples=ev.in_loop_num_samples,
-    nll_split=first_examples(ev.nll_split, ev.nll_num_examples) if ev.nll_num_examples else None,
+    nll_split=bound_split(config) if ev.nll_num_examples else None,
   )
 
   def evaluate(step: int, ema_params: Any, writer: metric_writers.MetricWriter) -> dict[str, float]:
@@ -209,18 +223,23 @@ def evaluate_checkpoint(
   """``--mode=eval``: the latest checkpoint's EMA params -> ``workdir/eval/step_<N>/`` (report.json,
   samples.png, nll_terms.csv, nll_terms.png) and ``eval/*`` scalars; returns the report."""
   validation.check_eval(config)
+  builder = input_pipeline.get_builder(config.dataset)
+  validation.check_splits(
+    builder,
+    {'eval.reference_split': reference_split(config), 'eval.nll_split': bound_split(config)},
+  )
   run = sampling.restore_inference(config, workdir)
   ev = config.eval
   evaluator = build_evaluator(
     config,
     run.workdir,
-    input_pipeline.get_builder(config.dataset),
+    builder,
     run.model,
     run.diffusion,
     run.mesh,
     image_shape=run.image_shape,
     num_samples=ev.num_samples,
-    nll_split=first_examples(ev.nll_split, ev.nll_num_examples),
+    nll_split=bound_split(config),
   )
   result = evaluator(run.ema_params, num_grid=NUM_GRID_IMAGES)
   report = {
@@ -232,15 +251,20 @@ def evaluate_checkpoint(
     'reference_split': evaluator.reference_split,
     'reference_count': evaluator.reference_count,
     'nll_split': evaluator.nll_split,
-    'nll_num_examples': result.nll.num_examples,
-    'metrics': {**result.metrics, **result.nll.summary()},
+    'nll_num_examples': result.nll.num_examples if result.nll else 0,
+    'metrics': {**result.metrics, **(result.nll.summary() if result.nll else {})},
   }
+  if result.nll is None:
+    report['nll_skipped'] = (
+      f'{config.dataset.name} has no held-out split (dataset.eval_split is None) and '
+      'eval.nll_split is not set: no bits/dim (the paper reports none for CelebA-HQ).'
+    )
   out_dir = run.workdir / 'eval' / f'step_{run.step}'
   if jax.process_index() == 0:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / 'report.json').write_text(json.dumps(report, indent=2))
     images.save_png(out_dir / 'samples.png', images.image_grid(result.grid))
-    for name, data in bound.nll_files(result.nll).items():
+    for name, data in (bound.nll_files(result.nll) if result.nll else {}).items():
       (out_dir / name).write_bytes(data)
   writer = metric_writers.create_default_writer(run.workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(run.step, result.scalars())

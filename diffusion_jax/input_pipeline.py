@@ -13,29 +13,43 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-from diffusion_jax import images, rngs
+from diffusion_jax import images, rngs, runtime
 from diffusion_jax.datasets import sklearn_digits
 from diffusion_jax.errors import SetupError
 
 Batch = dict[str, np.ndarray]
 
-# Raw files that TFDS cannot download itself, by dataset family; ``{...}`` is filled per builder.
+# Raw files that TFDS cannot download itself, by builder name; ``{...}`` is filled per builder.
 _MANUAL_STEPS = {
+  'lsun_lmdb': (
+    'Not with that command: LSUN is prepared offline from the LMDB zips of its release. Run\n'
+    '  python -m diffusion_jax.datasets.prepare --dataset=lsun_lmdb/{config} '
+    '--data_dir={data_dir}\n'
+    'It names the files it needs and where to download them (http://dl.yf.io/lsun/, or\n'
+    '`python download.py -c {config}` of https://github.com/fyu/lsun for scene categories),\n'
+    'reads them, zipped or unzipped, from {manual_dir}\n'
+    '(or from --manual_dir=FOLDER, a local folder) and prints the flags to train with.\n'
+    'Step by step: docs/datasets.md.'
+  ),
   'lsun': (
-    'LSUN: TFDS downloads the LMDB zips from http://dl.yf.io/lsun/. If that server does\n'
-    'not serve them, get {files} (names and sha256 in\n'
-    'tensorflow_datasets/url_checksums/lsun.txt) and put them, not renamed and not\n'
-    'extracted, into the TFDS manual_dir {manual_dir}\n'
-    'TFDS verifies their checksums and uses them instead of downloading. Generation reads\n'
-    'LMDB with tensorflow-io (`pip install tensorflow-io` matching your TensorFlow).'
+    "Not with that command: TFDS's lsun builder reads LMDB with tensorflow-io, which does not\n"
+    'load with the pinned TensorFlow. Use --config.dataset.name=lsun_lmdb/{config} instead and\n'
+    'prepare it offline from the LSUN LMDB zips with\n'
+    '  python -m diffusion_jax.datasets.prepare --dataset=lsun_lmdb/{config} '
+    '--data_dir={data_dir}\n'
+    'Step by step: docs/datasets.md.'
   ),
   'celeb_a_hq': (
-    'CelebA-HQ cannot be downloaded by TFDS. Create the {config}x{config} images from\n'
-    'CelebA and the CelebA-HQ delta files following\n'
-    'https://github.com/tkarras/progressive_growing_of_gans#preparing-datasets-for-training,\n'
-    'pack the 30,000 images (PNG) into one tar file named data{config}x{config}.tar and put\n'
-    'it into the TFDS manual_dir {manual_dir}'
+    'Not with that command: CelebA-HQ cannot be downloaded. Create it from CelebA (img_celeba.7z,\n'
+    "list_landmarks_celeba.txt) and the CelebA-HQ delta files with progressive_growing_of_gans'\n"
+    '`dataset_tool.py create_celebahq`, then run\n'
+    '  python -m diffusion_jax.datasets.prepare --dataset=celeb_a_hq/{config} '
+    '--data_dir={data_dir} --manual_dir=FOLDER\n'
+    'where FOLDER holds its celebahq-rNN.tfrecords (r08 for 256x256) or a tar\n'
+    'data{config}x{config}.tar of the 30,000 {config}x{config} PNGs.\n'
+    'Step by step: docs/datasets.md.'
   ),
 }
 
@@ -77,32 +91,43 @@ def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
   )
   message = (
     f"Dataset '{name}' is not prepared in {data_dir} (expected {builder.data_dir}).\n"
-    f'Prepare it on a machine with internet access (the ``tfds build`` CLI of this stack\n'
+    f'Prepare it on a machine with internet access (the `tfds build` CLI of this stack\n'
     f'needs apache_beam):\n  {command}\n'
     'or re-run training with --config.dataset.download=True on a machine with internet '
     'access.'
   )
   if builder.name in _MANUAL_STEPS:
-    config = builder.builder_config.name
-    files = sorted(
-      info.filename
-      for info in (builder.url_infos or {}).values()
-      if info.filename and info.filename.startswith((f'{config}_', f'{config}.'))
-    )
     steps = _MANUAL_STEPS[builder.name].format(
-      config=config,
-      files=' and '.join(files),
+      config=builder.builder_config.name,
+      data_dir=data_dir,
       manual_dir=builder.data_dir_root / 'downloads' / 'manual',
     )
-    message += f'\nManual steps before that command:\n{steps}'
+    message += f'\nManual steps:\n{steps}'
   return message
 
 
 def get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared builder of ``config.dataset``: builds ``sklearn_digits`` offline, downloads if
-  ``download`` allows, else raises DatasetNotPreparedError with the command that prepares it."""
+  ``download`` allows, else raises DatasetNotPreparedError with the command that prepares it.
+
+  With several processes, process 0 prepares first and the others wait, so that hosts sharing a
+  data dir never write it at once (hosts with data dirs of their own then prepare their own).
+  """
+  if runtime.is_coordinator():
+    builder = _prepared_builder(dataset_config)
+  runtime.barrier(f'process 0 prepared {dataset_config.name}')
+  if not runtime.is_coordinator():
+    builder = _prepared_builder(dataset_config)
+  return builder
+
+
+def _prepared_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The builder of ``config.dataset``, prepared here if it is not yet and may be."""
   builder = tfds.builder(dataset_config.name, data_dir=dataset_config.data_dir)
+  if builder.is_prepared():
+    return builder
   if builder.name == sklearn_digits.SklearnDigits.name:
+    logging.info('Building %s in %s (offline, once).', builder.name, builder.data_dir_root)
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )

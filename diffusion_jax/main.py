@@ -6,10 +6,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import evaluate, sampling, train  # noqa: E402
+from diffusion_jax import evaluate, runtime, sampling, train  # noqa: E402
 from diffusion_jax.errors import SetupError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -31,6 +31,7 @@ flags.DEFINE_bool(
 flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes.')
 flags.DEFINE_integer('process_id', None, "With --distributed: this process's index.")
+jax.config.config_with_absl()  # --jax_platforms, --jax_compilation_cache_dir (may be gs://), ...
 config_flags.DEFINE_config_file(
   'config', None, 'A config file of configs/ (optionally file.py:variant).', lock_config=True
 )
@@ -42,19 +43,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tf.config.set_visible_devices([], 'GPU')  # TF only feeds data; keep accelerators for JAX.
   config = FLAGS.config
-  if config.num_cpu_devices:
-    jax.config.update('jax_num_cpu_devices', config.num_cpu_devices)
-  if FLAGS.distributed:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  logging.info(
-    'JAX process %d / %d, %d local / %d global devices (%s).',
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_device_count(),
-    jax.device_count(),
-    jax.devices()[0].platform,
-  )
   try:
+    runtime.start(
+      num_cpu_devices=config.num_cpu_devices,
+      distributed=FLAGS.distributed,
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
     if FLAGS.mode == 'train':
       train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == 'sample':

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import images, models, parallel, rngs, train_state
+from diffusion_jax import images, models, parallel, rngs, runtime, train_state
 
 SampleFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -97,6 +97,7 @@ class Inference:
 def restore_inference(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Inference:
   """The latest checkpoint of ``workdir`` set up for sampling (a SetupError if there is none)."""
   workdir = train_state.resolve_workdir(workdir)
+  runtime.check_shared_workdir(workdir)
   mesh = parallel.make_mesh()
   factory = train_state.StateFactory.from_config(config)
   state = train_state.restore_latest(workdir, factory.abstract(mesh))

@@ -32,6 +32,7 @@ from diffusion_jax import (
   models,
   parallel,
   rngs,
+  runtime,
   sampling,
   train_state,
   validation,
@@ -136,19 +137,28 @@ def make_train_step(
   )
 
 
-class PreemptionHandler:
-  """Turns SIGTERM (TPU preemption) into a flag the loop checks; all hosts agree when multi-host."""
+class Preemption:
+  """SIGTERM (a TPU preemption notice) -> a stop at a host call that every process agrees on.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes (``jax.distributed``): JAX's
+  own preemption notifier, installed by ``jax.distributed.initialize()``, catches the signal on
+  whichever host gets it, and ``reached_preemption_sync_point`` then turns True on every host at
+  the same sync id; no Python handler may replace that notifier. ``should_stop`` must be called
+  once per host call, on every host: the sync ids advance by one per call.
+  """
 
   def __init__(self):
+    self._multi_process = jax.process_count() > 1
     self._received = threading.Event()
-    if threading.current_thread() is threading.main_thread():
+    self._previous = None
+    self._sync_id = 0
+    if not self._multi_process and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._received.set())
-    else:
-      self._previous = None
 
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
+  def should_stop(self) -> bool:
+    self._sync_id += 1
+    if self._multi_process:
+      return multihost_utils.reached_preemption_sync_point(self._sync_id)
     return self._received.is_set()
 
   def restore(self) -> None:
@@ -172,7 +182,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   validation.check_train(config)
   workdir = train_state.resolve_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  runtime.check_shared_workdir(workdir)
   builder = input_pipeline.get_builder(config.dataset)
+  validation.check_splits(builder, {'dataset.train_split': config.dataset.train_split})
 
   mesh = parallel.make_mesh()
   factory = train_state.StateFactory.from_config(config)
@@ -216,8 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   hooks, collected = _make_hooks(
     config, workdir, builder, factory, diffusion, mesh, writer, report_progress
   )
-  preemption = PreemptionHandler()
-  step = saved_step = start_step
+  preemption = Preemption()
+  step = start_step
   try:
     with metric_writers.ensure_flushes(writer):
       while step < num_steps:
@@ -226,17 +238,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           state, step_metrics = train_step(state, batch)
         collected.append(step_metrics)
         step += k
-        if train_state.save(manager, state, force=step == num_steps):
-          saved_step = step
+        saved = train_state.save(manager, state, force=step == num_steps)
+        if preemption.should_stop():  # before the hooks: a preemption notice gives ~30 s
+          logging.warning('Preempted (SIGTERM) at step %d: saving and exiting.', step)
+          if not saved:
+            train_state.save(manager, state, force=True)
+          break
         for hook_step in range(step - k + 1, step + 1):  # hooks see every optimizer step
           report_progress(hook_step)
           for hook in hooks:
             hook(hook_step, state=state)
-        if preemption.should_stop(step):
-          logging.warning('Preempted (SIGTERM) at step %d: saving and exiting.', step)
-          if saved_step != step:
-            train_state.save(manager, state, force=True)
-          break
   finally:
     manager.wait_until_finished()
     manager.close()

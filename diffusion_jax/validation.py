@@ -2,6 +2,7 @@
 
 import jax
 import ml_collections
+import tensorflow_datasets as tfds
 
 from diffusion_jax import fid
 from diffusion_jax.datasets import sklearn_digits
@@ -84,3 +85,19 @@ def check_eval(config: ml_collections.ConfigDict) -> None:
   for name in ('nll_num_examples', 'reference_num_examples'):
     if ev[name] is not None and ev[name] < 1:
       raise SetupError(f'eval.{name} must be None (the whole split) or >= 1, got {ev[name]}.')
+
+
+def check_splits(builder: tfds.core.DatasetBuilder, splits: dict[str, str | None]) -> None:
+  """A SetupError naming the config field if a split (``'train'``, ``'test[:16]'``; None: not
+  used) is not one of the prepared data set's, before any sampling or training starts."""
+  available = sorted(builder.info.splits)
+  for field, split in splits.items():
+    if split is None:
+      continue
+    try:
+      builder.info.splits[split]
+    except (KeyError, ValueError):
+      raise SetupError(
+        f'{field}={split!r} is not a split of {builder.info.full_name}, which has {available}; '
+        f'set --config.{field} to one of them (a slice such as "train[:1000]" works too).'
+      ) from None

@@ -6,6 +6,8 @@ reuse programs that another test already compiled.
 
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -43,3 +45,36 @@ def data_dir(tmp_path_factory) -> str:
 def tiny_config(data_dir):
   """``configs/digits.py:tiny`` on the session's data dir: a fresh copy per test."""
   return load_config('digits.py:tiny', data_dir)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def cli_env() -> dict[str, str]:
+  """The test environment without its 8-device XLA_FLAGS: the CLI sets its own device count."""
+  return {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+
+
+def run_main(*args: str, cwd=REPO) -> subprocess.Popen:
+  return subprocess.Popen(
+    [sys.executable, '-m', 'diffusion_jax.main', *args],
+    cwd=cwd,
+    env=cli_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def tiny_flags(data_dir: str, workdir, num_steps: int) -> list[str]:
+  """``configs/digits.py:tiny`` for ``num_steps``: checkpoints every step, evaluation at the end."""
+  return [
+    f'--config={REPO / "configs" / "digits.py"}:tiny',
+    f'--workdir={workdir}',
+    f'--config.dataset.data_dir={data_dir}',
+    f'--config.train.num_train_steps={num_steps}',
+    '--config.train.log_every_steps=1',
+    '--config.train.checkpoint_every_steps=1',
+    f'--config.train.sample_every_steps={num_steps}',
+    f'--config.eval.every_steps={num_steps}',
+  ]

@@ -4,6 +4,8 @@ files, TensorBoard scalars, the eval keys), the train loop's evaluator, and clea
 import io
 import json
 import pathlib
+import re
+import shutil
 
 import chex
 import jax
@@ -201,3 +203,59 @@ def test_inception_without_weights_names_the_field_and_the_conversion(tiny_confi
       reference_split='train',
       batch_size=16,
     )
+
+
+def test_a_data_set_without_held_out_split_evaluates_samples_and_says_why_no_bound(
+  checkpointed_run, tmp_path
+):
+  """As for CelebA-HQ (train only): no bits/dim, and the report says why."""
+  config, workdir, _ = checkpointed_run
+  config = config.copy_and_resolve_references()
+  config.dataset.eval_split = None
+  run = tmp_path / 'run'
+  (run / 'checkpoints').mkdir(parents=True)
+  for step in (workdir / 'checkpoints').iterdir():
+    if step.name.isdigit():
+      shutil.copytree(step, run / 'checkpoints' / step.name)
+  report = evaluate.evaluate_checkpoint(config, str(run))
+  assert report['nll_split'] is None and 'no held-out split' in report['nll_skipped']
+  assert 'bpd' not in report['metrics'] and 'digits_fd' in report['metrics']
+  assert sorted(p.name for p in (run / 'eval' / 'step_7').iterdir()) == [
+    'report.json',
+    'samples.png',
+  ]
+
+
+@pytest.mark.parametrize(
+  'field,split', [('nll_split', 'validation'), ('reference_split', 'train[2000:]')]
+)
+def test_a_split_the_data_set_lacks_fails_before_sampling(
+  checkpointed_run, monkeypatch, field, split
+):
+  config, workdir, _ = checkpointed_run
+  config = config.copy_and_resolve_references()
+  config.eval[field] = split
+
+  def no_restore(*args, **kwargs):
+    raise AssertionError('restored a checkpoint (and would sample) before checking the splits')
+
+  monkeypatch.setattr(sampling, 'restore_inference', no_restore)
+  with pytest.raises(
+    SetupError, match=rf"eval.{field}='{re.escape(split)}(\[:16\])?' is not a split"
+  ):
+    evaluate.evaluate_checkpoint(config, str(workdir))
+
+
+@pytest.mark.parametrize(
+  'config_file,eval_split',
+  [
+    ('lsun_bedroom.py', 'validation'),
+    ('lsun_church.py', 'validation'),
+    ('lsun_cat.py', None),
+    ('celebahq.py', None),
+    ('cifar10.py', 'test'),
+  ],
+)
+def test_paper_configs_take_the_bound_on_a_split_their_data_set_has(config_file, eval_split):
+  """LSUN scenes have train and validation; LSUN cat and CelebA-HQ only train; CIFAR10 test."""
+  assert evaluate.bound_split(load_config(config_file)) == eval_split

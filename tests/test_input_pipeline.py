@@ -188,8 +188,9 @@ def test_missing_dataset_raises_with_prepare_command(tmp_path):
 @pytest.mark.parametrize(
   'name,needles',
   [
-    ('lsun/bedroom', ('bedroom_train_lmdb.zip and bedroom_val_lmdb.zip', 'downloads/manual')),
-    ('celeb_a_hq/256', ('data256x256.tar', 'downloads/manual')),
+    ('lsun_lmdb/bedroom', ('diffusion_jax.datasets.prepare --dataset=lsun_lmdb/bedroom',)),
+    ('lsun/bedroom', ('tensorflow-io', '--config.dataset.name=lsun_lmdb/bedroom')),
+    ('celeb_a_hq/256', ('data256x256.tar', 'docs/datasets.md')),
   ],
 )
 def test_manual_datasets_explain_the_manual_steps(tmp_path, name, needles):

@@ -1,10 +1,6 @@
 """The data-parallel train step and the CLU/Orbax loop, on configs/digits.py:tiny."""
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import chex
@@ -17,7 +13,7 @@ from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import input_pipeline, parallel, sampling, train, train_state
 from diffusion_jax.errors import SetupError
 
-from conftest import REPO
+from conftest import run_main, tiny_flags
 
 
 def fixed_batch(config, steps_per_call: int) -> np.ndarray:
@@ -161,36 +157,6 @@ def test_invalid_settings_are_clear_errors(tiny_config, tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-def cli_env() -> dict[str, str]:
-  """The test environment without its 8-device XLA_FLAGS: the CLI sets its own device count."""
-  return {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-
-
-def run_main(*args: str, cwd=REPO) -> subprocess.Popen:
-  return subprocess.Popen(
-    [sys.executable, '-m', 'diffusion_jax.main', *args],
-    cwd=cwd,
-    env=cli_env(),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
-
-
-def tiny_flags(data_dir: str, workdir, num_steps: int) -> list[str]:
-  """``configs/digits.py:tiny`` for ``num_steps``: checkpoints every step, evaluation at the end."""
-  return [
-    f'--config={REPO / "configs" / "digits.py"}:tiny',
-    f'--workdir={workdir}',
-    f'--config.dataset.data_dir={data_dir}',
-    f'--config.train.num_train_steps={num_steps}',
-    '--config.train.log_every_steps=1',
-    '--config.train.checkpoint_every_steps=1',
-    f'--config.train.sample_every_steps={num_steps}',
-    f'--config.eval.every_steps={num_steps}',
-  ]
-
-
 @pytest.mark.slow
 def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
   workdir = tmp_path / 'run'
@@ -208,8 +174,12 @@ def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
   assert 0 < steps[-1] < 400
 
   flags = tiny_flags(data_dir, 'run', num_steps=steps[-1] + 2)
-  out, _ = run_main(*flags, cwd=tmp_path).communicate(timeout=600)
+  cache = tmp_path / 'jax cache'  # JAX's own flag, as launch/tpu.sh passes it
+  out, _ = run_main(*flags, f'--jax_compilation_cache_dir={cache}', cwd=tmp_path).communicate(
+    timeout=600
+  )
   assert f'Resumed from step {steps[-1]}' in out, out[-3000:]
+  assert any(cache.iterdir())  # compiled programs were cached there
   assert '2 local / 2 global devices (cpu)' in out  # the digits config's num_cpu_devices
   grid = workdir / 'samples' / f'step_{steps[-1] + 2:08d}.png'
   assert grid.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -235,49 +205,3 @@ def test_cli_errors_are_clear(tmp_path):
   assert proc.returncode != 0
   assert 'Traceback' not in out
   assert 'download_and_prepare()' in out and str(tmp_path / 'tfds') in out
-
-
-@pytest.mark.slow
-def test_two_processes_train_checkpoint_and_resume_together(data_dir, tmp_path):
-  """Two processes x 4 CPU devices joined by jax.distributed on 127.0.0.1 run the CLI together."""
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  workdir = tmp_path / 'run'
-
-  def launch(num_steps: int) -> list[str]:
-    procs = [
-      subprocess.Popen(
-        [
-          sys.executable,
-          '-m',
-          'diffusion_jax.main',
-          *tiny_flags(data_dir, workdir, num_steps),
-          '--config.num_cpu_devices=4',
-          '--distributed',
-          f'--coordinator_address=127.0.0.1:{port}',
-          '--num_processes=2',
-          f'--process_id={process_id}',
-        ],
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-      for process_id in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-      assert p.returncode == 0, out[-3000:]
-    return outs
-
-  outs = launch(2)
-  for process_id, out in enumerate(outs):
-    assert f'JAX process {process_id} / 2, 4 local / 8 global devices (cpu)' in out, out[-3000:]
-  outs = launch(4)
-  assert all('Resumed from step 2' in out for out in outs)
-  grid = workdir / 'samples' / 'step_00000004.png'
-  assert grid.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  assert steps[-1] == 4

@@ -1,3 +1,7 @@
 """TFDS dataset builders of this project; importing the package registers them."""
 
-from diffusion_jax.datasets import sklearn_digits  # noqa: F401  (registers ``sklearn_digits``)
+# Importing registers the builders ``lsun_lmdb`` and ``sklearn_digits``.
+from diffusion_jax.datasets import (  # noqa: F401
+  lsun_lmdb,
+  sklearn_digits,
+)

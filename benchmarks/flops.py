@@ -1,0 +1,76 @@
+"""FLOPs per train step and per sampling step of each paper config (XLA's cost analysis of the
+lowered programs, on this CPU), and the speed they imply on Cloud TPU slices.
+
+  python -m benchmarks.flops
+
+The implied speed is steps/s = MFU x peak FLOP/s of the slice / FLOPs per step, at the MFU the
+paper's own TPU v3-8 figures imply (CIFAR10: 21 steps/s at batch 128; 256x256: 2.2 steps/s at
+batch 64). Prints a markdown table and, last, the CIFAR10 FLOPs per train step.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from absl import app
+
+from diffusion_jax import config_defaults, hardware, parallel, train, train_state
+from diffusion_jax import diffusion as diffusion_lib
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+# The paper's TPU v3-8 speeds (Appendix B): config file -> train steps/s at its batch size.
+PAPER_V3_8 = {'cifar10.py': 21.0, 'lsun_bedroom.py': 2.2}
+SLICES = {
+  'v3-8': ('TPU v3', 4),
+  'v4-8': ('TPU v4', 4),
+  'v4-32': ('TPU v4', 16),
+  'v5e-8': ('TPU v5e', 8),
+}
+
+
+def step_flops(config_file: str, batch: int) -> tuple[float, float]:
+  """(FLOPs of one train step at global batch ``batch``, FLOPs of one sampling step per image)."""
+  config = config_defaults.load(str(CONFIGS / config_file))
+  factory = train_state.StateFactory.from_config(config)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  step = train.make_train_step(config.optim, factory.model, diffusion, mesh)
+  images = jax.ShapeDtypeStruct(
+    (1, batch, *factory.image_shape), jnp.float32, sharding=parallel.steps_sharding(mesh)
+  )
+  train_flops = step.lower(factory.abstract(mesh), images).cost_analysis()['flops']
+  x = jax.ShapeDtypeStruct((1, *factory.image_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  params = jax.eval_shape(factory.initial).params
+  forward = jax.jit(lambda p, x, t: factory.model.apply({'params': p}, x, t))
+  return train_flops, forward.lower(params, x, t).cost_analysis()['flops']
+
+
+def main(argv):
+  del argv
+  rows = []
+  for config_file, steps_per_s in PAPER_V3_8.items():
+    batch = config_defaults.load(str(CONFIGS / config_file)).train.batch_size
+    train_flops, sample_flops = step_flops(config_file, batch)
+    v3_peak = hardware.PEAK_FLOPS_PER_CHIP['TPU v3'][0] * 4
+    mfu = steps_per_s * train_flops / v3_peak
+    speeds = {
+      name: mfu * hardware.PEAK_FLOPS_PER_CHIP[kind][0] * chips / train_flops
+      for name, (kind, chips) in SLICES.items()
+    }
+    rows.append((config_file, batch, train_flops, sample_flops, steps_per_s, mfu, speeds))
+  print(
+    '| config | batch | GFLOP / train step | GFLOP / sampling step / image | paper v3-8 '
+    '| implied MFU | ' + ' | '.join(f'{s} steps/s' for s in SLICES) + ' |'
+  )
+  print('|---' * (6 + len(SLICES)) + '|')
+  for config_file, batch, train_flops, sample_flops, paper, mfu, speeds in rows:
+    print(
+      f'| {config_file} | {batch} | {train_flops / 1e9:,.0f} | {sample_flops / 1e9:,.1f} | '
+      f'{paper} | {mfu:.0%} | ' + ' | '.join(f'{v:.1f}' for v in speeds.values()) + ' |'
+    )
+  print(f'CIFAR10 train step at batch {rows[0][1]}: {rows[0][2] / 1e9:,.0f} GFLOP')
+
+
+if __name__ == '__main__':
+  app.run(main)

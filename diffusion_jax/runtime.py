@@ -1,0 +1,106 @@
+"""The process's JAX runtime: CPU device count, multi-host start-up, and checks that a run is
+where the user meant it to be (on the asked-for accelerator, with a workdir every host shares)."""
+
+import glob
+import uuid
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from diffusion_jax.errors import SetupError
+
+# Device files of a TPU VM's chips; their presence means JAX should run on a TPU here.
+TPU_DEVICE_GLOB = '/dev/accel*'
+
+_BUSY_TPU_HELP = (
+  'Another process may hold the TPU: list it with `sudo lsof -w /dev/accel*` and end it '
+  '(`launch/tpu.sh stop` does so on every host and removes /tmp/libtpu_lockfile).'
+)
+
+
+def start(
+  *,
+  num_cpu_devices: int | None,
+  distributed: bool,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """Splits a CPU host into ``num_cpu_devices`` devices, joins the other processes if
+  ``distributed``, then checks the platform (before anything else touches JAX)."""
+  if num_cpu_devices:
+    jax.config.update('jax_num_cpu_devices', num_cpu_devices)
+  if distributed:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  check_platform()
+  logging.info(
+    'JAX process %d / %d, %d local / %d global devices (%s).',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
+
+
+def check_platform() -> None:
+  """A SetupError instead of a silent fallback: the asked-for platform (``JAX_PLATFORMS`` or
+  ``--jax_platforms``) must start, and a TPU VM must not train on its CPU."""
+  asked = asked_platforms()
+  try:
+    platform = jax.devices()[0].platform
+  except RuntimeError as e:
+    raise SetupError(
+      f'JAX could not start the platform asked for (jax_platforms={asked!r}): {e}. '
+      + (_BUSY_TPU_HELP if 'tpu' in asked else '')
+    ) from None
+  if platform == 'cpu' and 'cpu' not in asked:
+    tpus = sorted(glob.glob(TPU_DEVICE_GLOB))
+    if tpus:
+      raise SetupError(
+        f'This machine has TPU chips ({", ".join(tpus)}) but JAX started on the CPU. '
+        + _BUSY_TPU_HELP
+        + ' To run on the CPU here on purpose, set JAX_PLATFORMS=cpu.'
+      )
+
+
+def asked_platforms() -> str:
+  """The platforms the user asked JAX for (``JAX_PLATFORMS``, ``--jax_platforms``; '' if none)."""
+  return jax.config.jax_platforms or ''
+
+
+def check_shared_workdir(workdir: epath.Path) -> None:
+  """With several processes, a SetupError unless every one of them sees ``workdir`` (process 0
+  writes a marker there; a local folder on separate hosts fails this)."""
+  if jax.process_count() == 1:
+    return
+  token = multihost_utils.broadcast_one_to_all(np.frombuffer(uuid.uuid4().bytes, np.uint8))
+  marker = workdir / f'.shared_check_{bytes(np.asarray(token, np.uint8)).hex()}'
+  if jax.process_index() == 0:
+    marker.write_text('')
+  multihost_utils.sync_global_devices('wrote the shared-workdir marker')
+  seen = multihost_utils.process_allgather(np.asarray(marker.exists()))
+  multihost_utils.sync_global_devices('checked the shared-workdir marker')
+  if jax.process_index() == 0:
+    marker.unlink()
+  if not np.all(seen):
+    hosts = [i for i, ok in enumerate(np.asarray(seen).ravel()) if not ok]
+    raise SetupError(
+      f'The workdir {workdir} is not shared by all {jax.process_count()} processes (processes '
+      f'{hosts} cannot see what process 0 wrote there): multi-host runs need a workdir every host '
+      'reads and writes, e.g. --workdir=gs://BUCKET/run.'
+    )
+
+
+def barrier(name: str) -> None:
+  """Waits until every process got here (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def is_coordinator() -> bool:
+  """Whether this is process 0, the one that prepares shared files."""
+  return jax.process_index() == 0

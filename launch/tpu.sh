@@ -1,0 +1,521 @@
+#!/usr/bin/env bash
+# Trains diffusion_jax on a Cloud TPU VM, from a single-host v3-8 up to multi-host pod slices, from
+# a laptop with the Google Cloud SDK. Walk-through: docs/cloud_tpu.md.
+#
+# Usage: launch/tpu.sh [--tpu NAME] [--zone ZONE] [--project P] [--dry-run] COMMAND [ARGS...]
+#
+# Global options (before COMMAND), or the environment variable named on the right:
+#   --tpu NAME      TPU_NAME  the TPU VM (with --queued also the queued resource)  required
+#   --zone ZONE     ZONE      its zone, e.g. us-central1-a, europe-west4-a          required
+#   --project P     PROJECT   the project (default: gcloud's core/project)
+#   --dry-run                 print every command, one per line, shell-quoted, and run nothing
+#   -h, --help                this text
+#
+# Commands, in the order of a run:
+#   create --accelerator-type TYPE [--version RUNTIME] [--spot] [--queued] [-- GCLOUD_FLAGS...]
+#       A TPU VM of TYPE (v3-8, v4-32, v5litepod-16, v6e-8, ...). --queued: a queued resource
+#       (waits for capacity; the node gets the same name). --spot: a spot VM. Default RUNTIME:
+#       tpu-ubuntu2204-base (v2, v3, v4), v2-alpha-tpuv5-lite (v5e), v2-alpha-tpuv5 (v5p),
+#       v2-alpha-tpuv6e (v6e). GCLOUD_FLAGS go to gcloud as they are (--service-account=...).
+#   push [--allow-dirty]
+#       The current commit (git archive HEAD) to ~/diffusion_jax on every worker, replacing the
+#       code there but keeping .venv and logs; writes the commit id to ~/diffusion_jax/COMMIT.
+#       Refuses uncommitted changes to tracked files unless --allow-dirty (even then only the
+#       committed code is pushed).
+#   setup
+#       On every worker, once (again after requirements.txt changes): uv (pip --user), Python
+#       3.11 (uv), ~/diffusion_jax/.venv with requirements.txt, jax[tpu]==<the jax pin of
+#       requirements.txt> (libtpu from the package index) and the package. Run push first.
+#   train CONFIG WORKDIR [FLAGS...]
+#       On every worker, detached (it outlives the ssh session): python -m diffusion_jax.main
+#       --config=CONFIG --workdir=WORKDIR --distributed
+#       --jax_compilation_cache_dir=WORKDIR/jax_cache FLAGS... with JAX_PLATFORMS=tpu. FLAGS are
+#       passed as they are (--config.model.ch_mult='(1,1,2,2,4,4)', --nodistributed, ...).
+#       WORKDIR must be gs://BUCKET/... on a multi-host slice. The log of each host is
+#       ~/diffusion_jax/logs/train_<hostname>.log there, copied to WORKDIR/logs/ every
+#       LOG_SYNC_SECONDS (60) seconds and at exit. The same command again resumes the run.
+#   logs [--worker N|all] [--follow] [--lines N]
+#       The last N (100) lines of a worker's (0) training log; --follow keeps following it.
+#   status
+#       The TPU (gcloud describe), then on every worker: the pushed commit, the training
+#       processes and the last lines of the log.
+#   stop [--grace SECONDS]
+#       On every worker: SIGTERM to the run (it saves a checkpoint and exits, as on a
+#       preemption), SIGKILL after SECONDS (120), then any process still holding the TPU,
+#       and the libtpu lockfile (/tmp/libtpu_lockfile).
+#   delete [--queued]
+#       Deletes the TPU VM (--queued: the queued resource and its node).
+#
+# Example (v3-8):
+#   export TPU_NAME=ddpm ZONE=europe-west4-a
+#   launch/tpu.sh create --accelerator-type v3-8 --spot
+#   launch/tpu.sh push && launch/tpu.sh setup
+#   launch/tpu.sh train configs/cifar10.py gs://BUCKET/cifar10 \
+#       --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
+#   launch/tpu.sh logs --follow
+#   launch/tpu.sh stop && launch/tpu.sh delete
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PROG=launch/tpu.sh
+
+tpu=${TPU_NAME:-}
+zone=${ZONE:-}
+project=${PROJECT:-}
+dry_run=0
+scope=()  # --zone=... [--project=...], for every gcloud command
+
+# --- remote scripts ---------------------------------------------------------------------------
+# Each runs in bash on the workers (ssh --command), after `set -euo pipefail` and the assignments
+# that remote_script() puts in front (values quoted with printf %q).
+
+# Reads a here-document into the variable $1 (read -d '' stops at the end: status 1).
+heredoc() { IFS= read -r -d '' "$1" || true; }
+
+# Sets: commit.
+heredoc PUSH_BODY <<'EOF'
+dir=$HOME/diffusion_jax
+archive=$HOME/diffusion_jax.tar.gz
+host=$(hostname)
+pidfile=$dir/logs/train.pid
+if [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; then
+  echo "$host: a run is in progress: launch/tpu.sh stop first" >&2
+  exit 1
+fi
+mkdir -p "$dir"
+find "$dir" -mindepth 1 -maxdepth 1 ! -name .venv ! -name logs -exec rm -rf {} +
+tar -xzf "$archive" -C "$dir"
+rm -f "$archive"
+printf '%s\n' "$commit" > "$dir/COMMIT"
+echo "$host: $dir is commit $commit"
+EOF
+
+# Sets: jax_pin.
+heredoc SETUP_BODY <<'EOF'
+dir=$HOME/diffusion_jax
+host=$(hostname)
+cd "$dir" 2>/dev/null || { echo "$host: no $dir: run launch/tpu.sh push first" >&2; exit 1; }
+if ! grep -qx "jax==$jax_pin" requirements.txt; then
+  echo "$host: $dir/requirements.txt does not pin jax==$jax_pin as the local checkout does:" \
+    "run launch/tpu.sh push first" >&2
+  exit 1
+fi
+# The image's python3 may be 3.10: it only installs uv, which brings Python 3.11.
+export PATH=$HOME/.local/bin:$PATH
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user --quiet --upgrade uv
+uv python install 3.11
+if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  rm -rf .venv
+  uv venv --python 3.11 .venv
+fi
+uv pip install --python .venv/bin/python --quiet -r requirements.txt
+uv pip install --python .venv/bin/python --quiet "jax[tpu]==$jax_pin"
+uv pip install --python .venv/bin/python --quiet --no-deps -e .
+.venv/bin/python -c 'import sys; from importlib.metadata import version as v
+print("Python", sys.version.split()[0], "jax", v("jax"), "libtpu", v("libtpu"))' \
+  | sed "s/^/$host: ready: /"
+EOF
+
+# Sets: workdir, args (the arguments of python), log_sync_seconds.
+heredoc TRAIN_BODY <<'EOF'
+# Runs in its own session (setsid): the trainer with its output appended to $log, the log copied
+# to $dest every $interval seconds and at the end. SIGTERM (stop, preemption) goes to the
+# trainer, which saves a checkpoint and exits.
+runner() {
+  local pidfile=$1 log=$2 dest=$3 interval=$4 py rc last
+  shift 4
+  echo "$$" > "$pidfile"
+  "$@" >> "$log" 2>&1 < /dev/null &
+  py=$!
+  trap 'kill -TERM "$py" 2>/dev/null || true' TERM INT
+  last=$SECONDS
+  while kill -0 "$py" 2>/dev/null; do
+    sleep 1
+    if ((SECONDS - last >= interval)); then
+      copy_log "$log" "$dest" || true
+      last=$SECONDS
+    fi
+  done
+  wait "$py" && rc=0 || rc=$?
+  echo "=== $(date -u +%FT%TZ) exit status $rc" >> "$log"
+  copy_log "$log" "$dest" || echo "=== could not copy this log to $dest" >> "$log"
+  rm -f "$pidfile"
+  return "$rc"
+}
+copy_log() {
+  case $2 in
+    gs://*) gcloud storage cp --quiet "$1" "$2" > /dev/null 2>&1 ;;
+    *) mkdir -p "$(dirname "$2")" && cp "$1" "$2" ;;
+  esac
+}
+
+dir=$HOME/diffusion_jax
+host=$(hostname)
+log=$dir/logs/train_$host.log
+pidfile=$dir/logs/train.pid
+if [[ ! -x $dir/.venv/bin/python ]]; then
+  echo "$host: no $dir/.venv: run launch/tpu.sh push, then launch/tpu.sh setup" >&2
+  exit 1
+fi
+if [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; then
+  echo "$host: a run is in progress (process group $(cat "$pidfile")): launch/tpu.sh stop first" >&2
+  exit 1
+fi
+cd "$dir"
+mkdir -p logs
+{
+  printf '=== %s %s, commit %s:' "$(date -u +%FT%TZ)" "$host" "$(cat COMMIT 2>/dev/null || echo '?')"
+  printf ' %q' python "${args[@]}"
+  echo
+} >> "$log"
+JAX_PLATFORMS=tpu TF_CPP_MIN_LOG_LEVEL=2 setsid nohup bash -c \
+  "$(declare -f runner copy_log)"'; runner "$@"' runner \
+  "$pidfile" "$log" "${workdir%/}/logs/train_$host.log" "$log_sync_seconds" \
+  "$dir/.venv/bin/python" "${args[@]}" > /dev/null 2>&1 < /dev/null &
+echo "$host: training in the background, log $log"
+EOF
+
+# Sets: lines, follow, prefix.
+heredoc LOGS_BODY <<'EOF'
+host=$(hostname)
+log=$HOME/diffusion_jax/logs/train_$host.log
+if [[ ! -f $log ]]; then
+  echo "$host: no training log yet ($log)" >&2
+  exit 1
+fi
+if ((prefix)); then
+  tail -n "$lines" ${follow:+"$follow"} "$log" | sed -u "s/^/$host: /"
+else
+  tail -n "$lines" ${follow:+"$follow"} "$log"
+fi
+EOF
+
+heredoc STATUS_BODY <<'EOF'
+dir=$HOME/diffusion_jax
+host=$(hostname)
+log=$dir/logs/train_$host.log
+{
+  echo "code: commit $(cat "$dir/COMMIT" 2>/dev/null || echo 'none (launch/tpu.sh push)')"
+  # The brackets keep this shell, whose command line holds the pattern, out of the match.
+  if pgrep -af '[d]iffusion_jax[.]main'; then
+    echo 'training: running'
+  else
+    echo 'training: not running'
+  fi
+  if [[ -f $log ]]; then
+    echo "last lines of $log:"
+    tail -n 5 "$log"
+  fi
+} 2>&1 | sed "s/^/$host: /"
+EOF
+
+# Sets: grace.
+heredoc STOP_BODY <<'EOF'
+host=$(hostname)
+pidfile=$HOME/diffusion_jax/logs/train.pid
+if [[ -s $pidfile ]]; then
+  group=$(cat "$pidfile")
+  if kill -0 -- "-$group" 2>/dev/null; then
+    echo "$host: SIGTERM to the run (process group $group): it saves a checkpoint and exits"
+    kill -TERM -- "-$group" 2>/dev/null || true
+    for ((i = 0; i < grace; i++)); do
+      kill -0 -- "-$group" 2>/dev/null || break
+      sleep 1
+    done
+    if kill -0 -- "-$group" 2>/dev/null; then
+      echo "$host: still running after ${grace}s: SIGKILL"
+      kill -KILL -- "-$group" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$pidfile"
+fi
+read -ra left <<< "$(pgrep -f '[d]iffusion_jax[.]main' | tr '\n' ' ' || true)"
+if ((${#left[@]})); then
+  echo "$host: SIGKILL to trainers started otherwise: ${left[*]}"
+  kill -KILL "${left[@]}" 2>/dev/null || true
+fi
+# The TPU chips: /dev/accel* (v2-v4, v5p), /dev/vfio/* (v5e, v6e).
+shopt -s nullglob
+chips=(/dev/accel* /dev/vfio/[0-9]*)
+if ((${#chips[@]})); then
+  read -ra holders <<< "$({ sudo lsof -t "${chips[@]}" 2>/dev/null \
+    || sudo fuser "${chips[@]}" 2>/dev/null; } | tr -s ' \n' ' ' || true)"
+  if ((${#holders[@]})); then
+    echo "$host: SIGKILL to processes holding the TPU: ${holders[*]}"
+    sudo kill -KILL "${holders[@]}" 2>/dev/null || true
+  fi
+fi
+sudo rm -f /tmp/libtpu_lockfile
+echo "$host: stopped, TPU free"
+EOF
+
+# --- helpers ----------------------------------------------------------------------------------
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+
+# A mistake in the command line: one line, exit 2.
+usage_error() {
+  echo "$PROG: error: $*" >&2
+  exit 2
+}
+
+fail() {
+  echo "$PROG: error: $*" >&2
+  exit 1
+}
+
+note() { echo "$PROG: $*" >&2; }
+
+# The arguments as one line of shell words that bash reads back as the same arguments.
+quote() {
+  local arg q out=''
+  for arg in "$@"; do
+    printf -v q '%q' "$arg"
+    out+="${out:+ }$q"
+  done
+  printf '%s\n' "$out"
+}
+
+# Runs a command, or with --dry-run prints it. $1: how to show it when it runs (empty: as it is).
+run() {
+  local shown=$1
+  shift
+  if ((dry_run)); then
+    quote "$@"
+  else
+    echo "+ ${shown:-$(quote "$@")}" >&2
+    "$@"
+  fi
+}
+
+# The complete script for the workers: strict mode, the assignments NAME=VALUE (quoted), BODY.
+remote_script() {
+  local body=$1 assignment
+  shift
+  printf 'set -euo pipefail\n'
+  for assignment in "$@"; do
+    printf '%s=%q\n' "${assignment%%=*}" "${assignment#*=}"
+  done
+  printf '%s' "$body"
+}
+
+# ssh_workers WORKER NAME SCRIPT: runs SCRIPT on worker WORKER (a number or all), in the login
+# shell of the TPU VM's users, bash (gcloud's users are made with /bin/bash).
+ssh_workers() {
+  local worker=$1 name=$2 script=$3 shown
+  shown="gcloud compute tpus tpu-vm ssh $tpu $(quote "${scope[@]}") --worker=$worker"
+  run "$shown --command=<the $name script; --dry-run prints it>" \
+    gcloud compute tpus tpu-vm ssh "$tpu" "${scope[@]}" --worker="$worker" --command="$script"
+}
+
+need_value() { [[ $# -ge 2 && -n $2 ]] || usage_error "$1 needs a value"; }
+
+# --- commands ---------------------------------------------------------------------------------
+
+default_runtime() {
+  case $1 in
+    v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-* | v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
+}
+
+cmd_create() {
+  local type='' version='' spot=0 queued=0 extra=() flags
+  while (($#)); do
+    case $1 in
+      --accelerator-type) need_value "$@"; type=$2; shift ;;
+      --accelerator-type=*) type=${1#*=} ;;
+      --version) need_value "$@"; version=$2; shift ;;
+      --version=*) version=${1#*=} ;;
+      --spot) spot=1 ;;
+      --queued) queued=1 ;;
+      --) shift; extra=("$@"); break ;;
+      *) usage_error "create: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+  [[ -n $type ]] || usage_error 'create needs --accelerator-type TYPE (v3-8, v4-32, ...)'
+  if [[ -z $version ]]; then
+    version=$(default_runtime "$type") \
+      || usage_error "no default runtime version for $type: pass --version RUNTIME"
+  fi
+  flags=(--accelerator-type="$type")
+  if ((queued)); then
+    flags+=(--runtime-version="$version")
+    ((spot)) && flags+=(--spot)
+    run '' gcloud compute tpus queued-resources create "$tpu" "${scope[@]}" --node-id="$tpu" \
+      "${flags[@]}" ${extra[@]+"${extra[@]}"}
+    note "queued: the TPU VM exists once the request is ACTIVE (launch/tpu.sh status;" \
+      "gcloud compute tpus queued-resources describe $tpu $(quote "${scope[@]}"))"
+  else
+    flags+=(--version="$version")
+    ((spot)) && flags+=(--spot)
+    run '' gcloud compute tpus tpu-vm create "$tpu" "${scope[@]}" "${flags[@]}" \
+      ${extra[@]+"${extra[@]}"}
+  fi
+  note "next: $PROG push, then $PROG setup"
+}
+
+cmd_push() {
+  local allow_dirty=0 commit tmp archive
+  while (($#)); do
+    case $1 in
+      --allow-dirty) allow_dirty=1 ;;
+      *) usage_error "push: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+  commit=$(git -C "$REPO_ROOT" rev-parse --verify HEAD 2>/dev/null) \
+    || fail "$REPO_ROOT is not a git checkout with a commit: push sends the current commit"
+  if [[ -n $(git -C "$REPO_ROOT" status --porcelain --untracked-files=no) ]]; then
+    if ((allow_dirty)); then
+      note "uncommitted changes are NOT pushed: only commit $commit is (--allow-dirty)"
+    elif ((dry_run)); then
+      note "uncommitted changes: push would refuse them (commit them, or --allow-dirty)"
+    else
+      usage_error "uncommitted changes in $REPO_ROOT: push sends only the current commit," \
+        "so that every host runs it; commit them (or pass --allow-dirty to push $commit anyway)"
+    fi
+  fi
+  if ((dry_run)); then
+    archive=${TMPDIR:-/tmp}/diffusion_jax.tar.gz
+  else
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2064  # expand $tmp now
+    trap "rm -rf '$tmp'" EXIT
+    archive=$tmp/diffusion_jax.tar.gz
+  fi
+  run '' git -C "$REPO_ROOT" archive --format=tar.gz -o "$archive" "$commit"
+  run '' gcloud compute tpus tpu-vm scp "$archive" "$tpu:~/diffusion_jax.tar.gz" --worker=all \
+    "${scope[@]}"
+  ssh_workers all push "$(remote_script "$PUSH_BODY" "commit=$commit")"
+}
+
+cmd_setup() {
+  local jax_pin
+  (($# == 0)) || usage_error "setup takes no arguments (got $1)"
+  jax_pin=$(sed -n 's/^jax==\([^[:space:]#;]*\).*/\1/p' "$REPO_ROOT/requirements.txt")
+  [[ -n $jax_pin ]] || fail "no jax==VERSION line in $REPO_ROOT/requirements.txt"
+  ssh_workers all setup "$(remote_script "$SETUP_BODY" "jax_pin=$jax_pin")"
+}
+
+cmd_train() {
+  local config workdir args arg prelude
+  if [[ $# -lt 2 || $1 == -* || $2 == -* ]]; then
+    usage_error 'train needs CONFIG WORKDIR [FLAGS...] (e.g. configs/cifar10.py gs://BUCKET/cifar10)'
+  fi
+  config=$1 workdir=$2
+  shift 2
+  [[ $workdir == gs://* ]] || note "WORKDIR $workdir is a folder on each host: fine on one host;" \
+    "a multi-host slice needs gs://BUCKET/... (one checkpoint directory for all hosts)"
+  args=(-m diffusion_jax.main --config="$config" --workdir="$workdir" --distributed
+    --jax_compilation_cache_dir="${workdir%/}/jax_cache" "$@")
+  prelude=$(remote_script '' "workdir=$workdir" "log_sync_seconds=${LOG_SYNC_SECONDS:-60}")
+  prelude+=$'\nargs=('
+  for arg in "${args[@]}"; do
+    prelude+=$(printf ' %q' "$arg")
+  done
+  prelude+=$' )\n'
+  ssh_workers all train "$prelude$TRAIN_BODY"
+  note "follow it: $PROG logs --follow; end it: $PROG stop"
+}
+
+cmd_logs() {
+  local worker=0 follow='' lines=100 prefix=0
+  while (($#)); do
+    case $1 in
+      --worker) need_value "$@"; worker=$2; shift ;;
+      --worker=*) worker=${1#*=} ;;
+      --follow | -f) follow=-F ;;
+      --lines | -n) need_value "$@"; lines=$2; shift ;;
+      --lines=*) lines=${1#*=} ;;
+      *) usage_error "logs: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+  [[ $worker == all || $worker =~ ^[0-9]+$ ]] || usage_error "--worker takes a number or all, not $worker"
+  [[ $lines =~ ^[0-9]+$ ]] || usage_error "--lines takes a number, not $lines"
+  [[ $worker == all ]] && prefix=1
+  ssh_workers "$worker" logs \
+    "$(remote_script "$LOGS_BODY" "lines=$lines" "follow=$follow" "prefix=$prefix")"
+}
+
+cmd_status() {
+  (($# == 0)) || usage_error "status takes no arguments (got $1)"
+  local format='yaml(name,acceleratorType,runtimeVersion,state,health,healthDescription,schedulingConfig)'
+  if ! run '' gcloud compute tpus tpu-vm describe "$tpu" "${scope[@]}" --format="$format"; then
+    note "no TPU VM $tpu in $zone; a queued resource of that name:"
+    run '' gcloud compute tpus queued-resources describe "$tpu" "${scope[@]}" || true
+    exit 1
+  fi
+  ssh_workers all status "$(remote_script "$STATUS_BODY")"
+}
+
+cmd_stop() {
+  local grace=120
+  while (($#)); do
+    case $1 in
+      --grace) need_value "$@"; grace=$2; shift ;;
+      --grace=*) grace=${1#*=} ;;
+      *) usage_error "stop: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+  [[ $grace =~ ^[0-9]+$ ]] || usage_error "--grace takes seconds, not $grace"
+  ssh_workers all stop "$(remote_script "$STOP_BODY" "grace=$grace")"
+}
+
+cmd_delete() {
+  local queued=0
+  while (($#)); do
+    case $1 in
+      --queued) queued=1 ;;
+      *) usage_error "delete: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+  if ((queued)); then
+    run '' gcloud compute tpus queued-resources delete "$tpu" "${scope[@]}" --force --quiet
+  else
+    run '' gcloud compute tpus tpu-vm delete "$tpu" "${scope[@]}" --quiet
+  fi
+}
+
+main() {
+  while (($#)); do
+    case $1 in
+      --tpu) need_value "$@"; tpu=$2; shift ;;
+      --tpu=*) tpu=${1#*=} ;;
+      --zone) need_value "$@"; zone=$2; shift ;;
+      --zone=*) zone=${1#*=} ;;
+      --project) need_value "$@"; project=$2; shift ;;
+      --project=*) project=${1#*=} ;;
+      --dry-run) dry_run=1 ;;
+      -h | --help | help) usage; exit 0 ;;
+      -*) usage_error "unknown option $1 (see --help)" ;;
+      *) break ;;
+    esac
+    shift
+  done
+  (($#)) || usage_error "no command (create, push, setup, train, logs, status, stop, delete; see --help)"
+  local command=$1
+  shift
+  case $command in
+    create | push | setup | train | logs | status | stop | delete) ;;
+    *) usage_error "unknown command $command (see --help)" ;;
+  esac
+  if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    usage
+    exit 0
+  fi
+  [[ -n $tpu ]] || usage_error 'no TPU name: pass --tpu NAME or set TPU_NAME'
+  [[ -n $zone ]] || usage_error 'no zone: pass --zone ZONE (e.g. us-central1-a) or set ZONE'
+  scope=(--zone="$zone")
+  [[ -z $project ]] || scope+=(--project="$project")
+  "cmd_$command" "$@"
+}
+
+main "$@"

@@ -1,0 +1,485 @@
+"""launch/tpu.sh against stand-ins: the gcloud commands it makes (a fake ``gcloud`` records its
+argv) and its remote scripts, run here under bash with a fake home, trainer, ``uv`` and ``sudo``.
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'launch' / 'tpu.sh'
+JAX_PIN = re.search(r'^jax==(\S+)$', (REPO / 'requirements.txt').read_text(), re.M)[1]
+ZONE = 'us-central1-a'
+TUPLE = '--config.model.ch_mult=(1,1,2,2,4,4)'
+
+# Every stand-in is this one program under another name: it appends [name, *argv] to $FAKE_LOG.
+RECORDER = f"""#!{sys.executable}
+import json, os, pathlib, shutil, sys
+name, argv = pathlib.Path(sys.argv[0]).name, sys.argv[1:]
+log = pathlib.Path(os.environ['FAKE_LOG'])
+with log.open('a') as f:
+  f.write(json.dumps([name, *argv]) + '\\n')
+if name == 'gcloud' and argv[:4] == ['compute', 'tpus', 'tpu-vm', 'scp']:
+  shutil.copy(argv[4], log.parent / 'pushed.tar.gz')
+if name == 'gcloud' and argv[3:4] == ['describe']:
+  print('state: READY')
+if name == 'uv' and argv[:1] == ['venv']:
+  python = pathlib.Path(argv[-1], 'bin', 'python')
+  python.parent.mkdir(parents=True)
+  python.symlink_to(pathlib.Path(sys.argv[0]).with_name('python'))
+if name == 'pgrep':
+  sys.exit(1)
+"""
+
+# The trainer: .venv/bin/python of the fake worker. Records its argv, environment and folder,
+# prints a line, and with FAKE_TRAINER_WAIT waits for SIGTERM (at most 30 s), as a run does.
+TRAINER = f"""#!{sys.executable}
+import json, os, signal, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+record = {{
+  'argv': sys.argv[1:],
+  'cwd': os.getcwd(),
+  'env': {{k: os.environ.get(k) for k in ('JAX_PLATFORMS', 'TF_CPP_MIN_LOG_LEVEL')}},
+}}
+with open(os.environ['FAKE_TRAINER_OUT'], 'w') as f:
+  json.dump(record, f)
+print('step 1, loss 0.5', flush=True)
+if os.environ.get('FAKE_TRAINER_WAIT'):
+  deadline = time.time() + 30
+  while not stop and time.time() < deadline:
+    time.sleep(0.05)
+  print('SIGTERM: saved a checkpoint' if stop else 'no SIGTERM', flush=True)
+"""
+
+
+def write_program(path: pathlib.Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  path.chmod(0o755)
+
+
+def split_words(line: str) -> list[str]:
+  """The arguments bash reads from one shell-quoted line (``printf %q`` output)."""
+  out = subprocess.run(
+    ['bash', '-c', "printf '%s\\0' " + line], capture_output=True, text=True, check=True
+  ).stdout
+  return out.split('\0')[:-1]
+
+
+def command_of(call: list[str]) -> str:
+  """The remote script of a recorded ``gcloud compute tpus tpu-vm ssh`` call."""
+  assert call[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'], call
+  (command,) = [a.removeprefix('--command=') for a in call if a.startswith('--command=')]
+  subprocess.run(['bash', '-n', '-c', command], check=True)
+  return command
+
+
+def wait_for(predicate, timeout: float = 15) -> None:
+  deadline = time.time() + timeout
+  while not predicate():
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.05)
+
+
+class Laptop:
+  """launch/tpu.sh run with the fake gcloud first on PATH; ``calls()`` is what gcloud got."""
+
+  def __init__(self, tmp_path: pathlib.Path, script: pathlib.Path = SCRIPT):
+    self.script = script
+    self.bin = tmp_path / 'bin'
+    for name in ('gcloud', 'uv', 'python3', 'sudo', 'pgrep'):
+      write_program(self.bin / name, RECORDER)
+    write_program(self.bin / 'python', RECORDER)  # the venv python that the fake uv makes
+    self.log = tmp_path / 'gcloud.jsonl'
+    self.env = {
+      k: v
+      for k, v in os.environ.items()
+      if k not in ('TPU_NAME', 'ZONE', 'PROJECT', 'LOG_SYNC_SECONDS')
+    }
+    self.env.update(PATH=f'{self.bin}{os.pathsep}{os.environ["PATH"]}', FAKE_LOG=str(self.log))
+
+  def run(self, *args: str, code: int = 0, env: dict | None = None, cwd=None):
+    proc = subprocess.run(
+      ['bash', str(self.script), *args],
+      env={**self.env, **(env or {})},
+      cwd=cwd,
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
+    assert proc.returncode == code, proc.stderr
+    return proc
+
+  def tpu(self, *args: str, **kwargs):
+    return self.run('--tpu', 't', '--zone', ZONE, *args, **kwargs)
+
+  def calls(self) -> list[list[str]]:
+    if not self.log.exists():
+      return []
+    calls = [json.loads(line) for line in self.log.read_text().splitlines()]
+    self.log.unlink()
+    return calls
+
+
+class Worker:
+  """A TPU VM worker: a home folder where the recorded remote scripts run under bash."""
+
+  def __init__(self, tmp_path: pathlib.Path, laptop: Laptop):
+    self.home = tmp_path / 'home'
+    self.code = self.home / 'diffusion_jax'
+    self.code.mkdir(parents=True)
+    self.log = tmp_path / 'worker.jsonl'
+    self.trainer_out = tmp_path / 'trainer.json'
+    self.env = {
+      'PATH': laptop.env['PATH'],
+      'HOME': str(self.home),
+      'FAKE_LOG': str(self.log),
+      'FAKE_TRAINER_OUT': str(self.trainer_out),
+    }
+
+  def run(self, command: str, code: int = 0, env: dict | None = None):
+    proc = subprocess.run(
+      ['bash', '-c', command],
+      env={**self.env, **(env or {})},
+      cwd=self.home,
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
+    assert proc.returncode == code, proc.stderr
+    return proc
+
+  def calls(self) -> list[list[str]]:
+    return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+  def train_log(self) -> pathlib.Path:
+    (log,) = (self.code / 'logs').glob('train_*.log')
+    return log
+
+
+@pytest.fixture
+def laptop(tmp_path):
+  return Laptop(tmp_path)
+
+
+@pytest.fixture
+def worker(tmp_path, laptop):
+  worker = Worker(tmp_path, laptop)
+  yield worker
+  pidfile = worker.code / 'logs' / 'train.pid'
+  if pidfile.exists():  # a test failed with its run still going
+    try:
+      os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+    except (ProcessLookupError, ValueError):
+      pass
+
+
+@pytest.fixture
+def repo(tmp_path):
+  """A git checkout with launch/tpu.sh, requirements.txt and a module, all committed."""
+  repo = tmp_path / 'repo'
+  (repo / 'launch').mkdir(parents=True)
+  shutil.copy(SCRIPT, repo / 'launch' / 'tpu.sh')
+  shutil.copy(REPO / 'requirements.txt', repo / 'requirements.txt')
+  (repo / 'pkg.py').write_text('VERSION = 1\n')
+  git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t', '-c']
+  subprocess.run(git[:3] + ['init', '-q'], check=True)
+  subprocess.run(git[:3] + ['add', '.'], check=True)
+  subprocess.run(git + ['commit.gpgsign=false', 'commit', '-q', '-m', 'c'], check=True)
+  return repo
+
+
+def head(repo: pathlib.Path) -> str:
+  return subprocess.run(
+    ['git', '-C', str(repo), 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True
+  ).stdout.strip()
+
+
+def test_help_lists_every_command(laptop):
+  out = laptop.run('--help').stdout
+  assert out.startswith('Trains diffusion_jax on a Cloud TPU VM')
+  for command in ('create', 'push', 'setup', 'train', 'logs', 'status', 'stop', 'delete'):
+    assert f'\n  {command}' in out
+  assert laptop.run('train', '--help').stdout == out  # no TPU name needed for help
+  assert laptop.calls() == []
+
+
+@pytest.mark.parametrize(
+  'args, words',
+  [
+    (['--zone', ZONE], ['--tpu', 'TPU_NAME']),
+    (['--tpu', 't'], ['--zone', 'ZONE']),
+  ],
+)
+def test_a_missing_tpu_or_zone_is_a_usage_error(laptop, args, words):
+  err = laptop.run(*args, 'create', '--accelerator-type', 'v3-8', code=2).stderr
+  assert len(err.strip().splitlines()) == 1
+  assert all(word in err for word in words)
+  assert laptop.calls() == []
+
+
+@pytest.mark.parametrize(
+  'args', [['--bogus', 'status'], ['frobnicate'], [], ['create'], ['train', 'configs/x.py']]
+)
+def test_other_usage_errors_exit_2(laptop, args):
+  laptop.tpu(*args, code=2)
+  assert laptop.calls() == []
+
+
+def test_the_global_options_come_from_the_environment(laptop):
+  laptop.run('delete', env={'TPU_NAME': 'e', 'ZONE': 'europe-west4-a', 'PROJECT': 'p'})
+  assert laptop.calls() == [
+    ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'e', '--zone=europe-west4-a', '--project=p']
+    + ['--quiet']
+  ]
+
+
+VM = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 't', f'--zone={ZONE}']
+QUEUED = ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 't', f'--zone={ZONE}']
+BASE = 'tpu-ubuntu2204-base'  # the default runtime of v2, v3 and v4
+
+
+@pytest.mark.parametrize(
+  'args, call',
+  [
+    (['v3-8'], VM + ['--accelerator-type=v3-8', f'--version={BASE}']),
+    (['v4-32', '--spot'], VM + ['--accelerator-type=v4-32', f'--version={BASE}', '--spot']),
+    (['v5litepod-16'], VM + ['--accelerator-type=v5litepod-16', '--version=v2-alpha-tpuv5-lite']),
+    (['v6e-8'], VM + ['--accelerator-type=v6e-8', '--version=v2-alpha-tpuv6e']),
+    (['v4-8', '--version', 'r1'], VM + ['--accelerator-type=v4-8', '--version=r1']),
+    (
+      ['v3-8', '--', '--network=n'],
+      VM + ['--accelerator-type=v3-8', f'--version={BASE}', '--network=n'],
+    ),
+    (
+      ['v4-32', '--queued', '--spot'],
+      QUEUED + ['--node-id=t', '--accelerator-type=v4-32', f'--runtime-version={BASE}', '--spot'],
+    ),
+  ],
+)
+def test_create(laptop, args, call):
+  laptop.tpu('create', '--accelerator-type', *args)
+  assert laptop.calls() == [call]
+
+
+def test_create_of_an_unknown_generation_needs_a_version(laptop):
+  assert '--version' in laptop.tpu('create', '--accelerator-type', 'v9-8', code=2).stderr
+
+
+@pytest.mark.parametrize(
+  'args, call',
+  [
+    ([], ['tpu-vm', 'delete', 't', f'--zone={ZONE}', '--quiet']),
+    (['--queued'], ['queued-resources', 'delete', 't', f'--zone={ZONE}', '--force', '--quiet']),
+  ],
+)
+def test_delete(laptop, args, call):
+  laptop.run('--project', 'p', '--tpu', 't', '--zone', ZONE, 'delete', *args)
+  assert laptop.calls() == [['gcloud', 'compute', 'tpus', *call[:4], '--project=p', *call[4:]]]
+
+
+def test_push_sends_the_commit_to_every_worker(tmp_path, repo, worker):
+  laptop = Laptop(tmp_path, repo / 'launch' / 'tpu.sh')
+  laptop.tpu('push', cwd=tmp_path)
+  scp, ssh = laptop.calls()
+  assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp']
+  assert scp[6:] == ['t:~/diffusion_jax.tar.gz', '--worker=all', f'--zone={ZONE}']
+  assert not os.path.exists(scp[5])  # the temporary archive is gone
+  assert ssh[5:8] == ['t', f'--zone={ZONE}', '--worker=all']
+  # The worker: old code to replace, a venv and logs to keep.
+  for path in ('old.py', '.venv/bin/python', 'logs/train_w.log'):
+    (worker.code / path).parent.mkdir(parents=True, exist_ok=True)
+    (worker.code / path).write_text('old')
+  shutil.copy(tmp_path / 'pushed.tar.gz', worker.home / 'diffusion_jax.tar.gz')
+  worker.run(command_of(ssh))
+  assert not (worker.code / 'old.py').exists()
+  assert (worker.code / '.venv/bin/python').read_text() == 'old'
+  assert (worker.code / 'logs/train_w.log').read_text() == 'old'
+  assert (worker.code / 'pkg.py').read_text() == 'VERSION = 1\n'
+  assert (worker.code / 'launch/tpu.sh').exists()
+  assert (worker.code / 'COMMIT').read_text() == head(repo) + '\n'
+  assert not (worker.home / 'diffusion_jax.tar.gz').exists()
+
+
+def test_push_refuses_uncommitted_changes(tmp_path, repo):
+  laptop = Laptop(tmp_path, repo / 'launch' / 'tpu.sh')
+  (repo / 'pkg.py').write_text('VERSION = 2\n')
+  err = laptop.tpu('push', code=2).stderr
+  assert 'uncommitted' in err and '--allow-dirty' in err
+  assert laptop.calls() == []
+  err = laptop.tpu('push', '--allow-dirty').stderr
+  assert f'only commit {head(repo)}' in err
+  assert len(laptop.calls()) == 2
+  with tarfile.open(tmp_path / 'pushed.tar.gz') as tar:
+    assert tar.extractfile('pkg.py').read() == b'VERSION = 1\n'
+
+
+def test_setup_makes_a_python_311_venv_with_the_pinned_tpu_jax(laptop, worker):
+  laptop.tpu('setup')
+  (call,) = laptop.calls()
+  assert call[5:8] == ['t', f'--zone={ZONE}', '--worker=all']
+  command = command_of(call)
+  assert not re.search(r'\s(-f|--find-links)\s|libtpu_releases|storage\.googleapis', command)
+  shutil.copy(REPO / 'requirements.txt', worker.code / 'requirements.txt')
+  worker.run(command)
+  uv = ['uv', 'pip', 'install', '--python', '.venv/bin/python', '--quiet']
+  assert [c for c in worker.calls() if c[0] != 'python'] == [
+    ['python3', '-m', 'pip', 'install', '--user', '--quiet', '--upgrade', 'uv'],
+    ['uv', 'python', 'install', '3.11'],
+    ['uv', 'venv', '--python', '3.11', '.venv'],
+    uv + ['-r', 'requirements.txt'],
+    uv + [f'jax[tpu]=={JAX_PIN}'],
+    uv + ['--no-deps', '-e', '.'],
+  ]
+  worker.log.unlink()
+  worker.run(command)  # again: the venv stays
+  assert ['uv', 'venv', '--python', '3.11', '.venv'] not in worker.calls()
+  # Code pushed with another jax pin than the local checkout's: push first.
+  (worker.code / 'requirements.txt').write_text('jax==0.0.1\n')
+  assert 'push' in worker.run(command, code=1).stderr
+
+
+def start_training(laptop, worker, workdir, *flags, env=None):
+  """launch/tpu.sh train on the fake worker; returns the remote command."""
+  write_program(worker.code / '.venv/bin/python', TRAINER)
+  (worker.code / 'COMMIT').write_text('abc123\n')
+  laptop.tpu('train', 'configs/cifar10.py', str(workdir), *flags, env=env)
+  (call,) = laptop.calls()
+  assert call[5:8] == ['t', f'--zone={ZONE}', '--worker=all']
+  command = command_of(call)
+  started = time.time()
+  out = worker.run(command, env=env).stdout
+  assert time.time() - started < 10  # detached: the ssh session does not wait for the run
+  assert 'training in the background' in out
+  wait_for(worker.trainer_out.exists)
+  return command
+
+
+def test_train_passes_every_argument_unchanged(tmp_path, laptop, worker):
+  workdir = tmp_path / 'work dir'
+  flags = [TUPLE, f'--config.dataset.data_dir={tmp_path}/tf ds $HOME', "--config.name=it's"]
+  start_training(laptop, worker, workdir, *flags)
+  pidfile = worker.code / 'logs' / 'train.pid'
+  wait_for(lambda: not pidfile.exists())
+  record = json.loads(worker.trainer_out.read_text())
+  assert record['argv'] == [
+    '-m',
+    'diffusion_jax.main',
+    '--config=configs/cifar10.py',
+    f'--workdir={workdir}',
+    '--distributed',
+    f'--jax_compilation_cache_dir={workdir}/jax_cache',
+    *flags,
+  ]
+  assert record['env'] == {'JAX_PLATFORMS': 'tpu', 'TF_CPP_MIN_LOG_LEVEL': '2'}
+  assert record['cwd'] == str(worker.code)
+  log = worker.train_log().read_text()
+  assert 'commit abc123' in log and 'step 1, loss 0.5' in log and 'exit status 0' in log
+  assert (workdir / 'logs' / worker.train_log().name).read_text() == log  # the copy at exit
+  # logs: the tail of worker 0's log; --worker all --follow: every worker, following.
+  laptop.tpu('logs')
+  (call,) = laptop.calls()
+  assert '--worker=0' in call
+  assert 'step 1, loss 0.5' in worker.run(command_of(call)).stdout
+  laptop.tpu('logs', '--worker', 'all', '--follow', '--lines', '7')
+  (call,) = laptop.calls()
+  assert '--worker=all' in call and '\nfollow=-F\n' in command_of(call)
+
+
+def test_stop_ends_a_detached_run_and_frees_the_tpu(tmp_path, laptop, worker):
+  workdir = tmp_path / 'work'
+  env = {'FAKE_TRAINER_WAIT': '1', 'LOG_SYNC_SECONDS': '1'}
+  command = start_training(laptop, worker, workdir, env=env)
+  pidfile = worker.code / 'logs' / 'train.pid'
+  wait_for(pidfile.exists)
+  group = int(pidfile.read_text())
+  os.killpg(group, 0)  # running
+  copy = workdir / 'logs' / worker.train_log().name
+  wait_for(lambda: copy.exists() and 'step 1' in copy.read_text())  # the periodic copy
+  assert 'in progress' in worker.run(command, code=1, env=env).stderr  # one run at a time
+  # status: describe, then every worker's state.
+  laptop.tpu('status')
+  describe, ssh = laptop.calls()
+  assert describe[:7] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'describe', 't', f'--zone={ZONE}']
+  assert ssh[7] == '--worker=all'
+  assert ': code: commit abc123' in worker.run(command_of(ssh)).stdout
+  laptop.tpu('stop', '--grace', '20')
+  (call,) = laptop.calls()
+  assert call[7] == '--worker=all'
+  out = worker.run(command_of(call)).stdout
+  assert 'SIGTERM' in out and 'TPU free' in out
+  with pytest.raises(ProcessLookupError):
+    os.killpg(group, 0)
+  assert not pidfile.exists()
+  log = worker.train_log().read_text()
+  assert 'SIGTERM: saved a checkpoint' in log and 'exit status 0' in log
+  assert copy.read_text() == log
+  assert ['sudo', 'rm', '-f', '/tmp/libtpu_lockfile'] in worker.calls()
+
+
+LIFECYCLE = [
+  ['create', '--accelerator-type', None],
+  ['push'],
+  ['setup'],
+  ['train', 'configs/cifar10.py', 'gs://b/run 1', TUPLE],
+  ['status'],
+  ['logs'],
+  ['stop'],
+  ['delete'],
+]
+
+
+@pytest.mark.parametrize('accelerator', ['v3-8', 'v4-32'])
+def test_dry_run_prints_the_lifecycle_and_runs_nothing(tmp_path, repo, accelerator):
+  laptop = Laptop(tmp_path, repo / 'launch' / 'tpu.sh')
+  printed = {}
+  for step in LIFECYCLE:
+    args = [accelerator if a is None else a for a in step]
+    lines = laptop.tpu('--dry-run', *args).stdout.splitlines()
+    assert laptop.calls() == [] and not (tmp_path / 'pushed.tar.gz').exists()
+    printed[step[0]] = [split_words(line) for line in lines]
+    # Without --dry-run, gcloud gets exactly the printed commands.
+    laptop.tpu(*args)
+    called = laptop.calls()
+    if step[0] == 'push':
+      git, scp, ssh = printed['push']
+      assert git[:4] == ['git', '-C', str(repo), 'archive']
+      assert called == [scp[:5] + [called[0][5]] + scp[6:], ssh]
+      (tmp_path / 'pushed.tar.gz').unlink()
+    else:
+      assert called == printed[step[0]]
+  tpu_vm = ['gcloud', 'compute', 'tpus', 'tpu-vm']
+  assert printed['create'] == [
+    tpu_vm
+    + ['create', 't', f'--zone={ZONE}', f'--accelerator-type={accelerator}', f'--version={BASE}']
+  ]
+  assert [c[4] for c in printed['push'][1:]] == ['scp', 'ssh']
+  assert [c[4] for c in printed['status']] == ['describe', 'ssh']
+  for name in ('setup', 'train', 'logs', 'stop'):
+    assert [c[:5] for c in printed[name]] == [tpu_vm + ['ssh']]
+  assert 'args=( -m diffusion_jax.main --config=configs/cifar10.py --workdir=gs://b/run\\ 1 ' in (
+    command_of(printed['train'][0])
+  )
+  assert printed['delete'] == [tpu_vm + ['delete', 't', f'--zone={ZONE}', '--quiet']]
+
+
+@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed')
+def test_the_script_and_its_remote_scripts_pass_shellcheck(laptop):
+  subprocess.run(['shellcheck', str(SCRIPT)], check=True)
+  for step in LIFECYCLE[1:]:
+    args = ['v3-8' if a is None else a for a in step]
+    for line in laptop.tpu('--dry-run', *args).stdout.splitlines():
+      words = split_words(line)
+      if words[4] == 'ssh':  # SC2054: commas in array items, here escaped by printf %q
+        shellcheck = ['shellcheck', '-s', 'bash', '-e', 'SC2054', '-']
+        subprocess.run(shellcheck, input=command_of(words), text=True, check=True)

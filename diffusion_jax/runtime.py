@@ -2,6 +2,8 @@
 where the user meant it to be (on the asked-for accelerator, with a workdir every host shares)."""
 
 import glob
+import signal
+import threading
 import uuid
 
 import jax
@@ -104,3 +106,32 @@ def barrier(name: str) -> None:
 def is_coordinator() -> bool:
   """Whether this is process 0, the one that prepares shared files."""
   return jax.process_index() == 0
+
+
+class Preemption:
+  """SIGTERM (a TPU preemption notice) -> a stop at a host call that every process agrees on.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes (``jax.distributed``): JAX's
+  own preemption notifier, installed by ``jax.distributed.initialize()``, catches the signal on
+  whichever host gets it, and ``reached_preemption_sync_point`` then turns True on every host at
+  the same sync id; no Python handler may replace that notifier. ``should_stop`` must be called
+  once per host call, on every host: the sync ids advance by one per call.
+  """
+
+  def __init__(self):
+    self._multi_process = jax.process_count() > 1
+    self._received = threading.Event()
+    self._previous = None
+    self._sync_id = 0
+    if not self._multi_process and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._received.set())
+
+  def should_stop(self) -> bool:
+    self._sync_id += 1
+    if self._multi_process:
+      return multihost_utils.reached_preemption_sync_point(self._sync_id)
+    return self._received.is_set()
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -8,8 +8,6 @@ laid out over devices (per-device clipping clips each device's own gradient, and
 per device).
 """
 
-import signal
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +15,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -37,9 +36,39 @@ from diffusion_jax import (
   train_state,
   validation,
 )
+from diffusion_jax.errors import SetupError
 from diffusion_jax.train_state import TrainState
 
 StepFn = Callable[[TrainState, jax.Array], tuple[TrainState, 'TrainMetrics']]
+
+
+NO_STEP = np.iinfo(np.int32).max
+
+
+class NonFiniteError(SetupError):
+  """The loss or the gradients stopped being finite: the run diverged."""
+
+
+@flax.struct.dataclass
+class FirstNonFinite(metrics.Metric):
+  """The first step whose loss or gradients were not finite (``NO_STEP`` if none); stays on
+  device until read."""
+
+  step: jax.Array
+
+  @classmethod
+  def from_model_output(cls, *, nonfinite_step: jax.Array, **_) -> 'FirstNonFinite':
+    return cls(step=nonfinite_step)
+
+  @classmethod
+  def empty(cls) -> 'FirstNonFinite':
+    return cls(step=jnp.asarray(NO_STEP, jnp.int32))
+
+  def merge(self, other: 'FirstNonFinite') -> 'FirstNonFinite':
+    return type(self)(step=jnp.minimum(self.step, other.step))
+
+  def compute(self) -> jax.Array:
+    return self.step
 
 
 @flax.struct.dataclass
@@ -47,6 +76,7 @@ class TrainMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   grad_norm: metrics.Average.from_output('grad_norm')
   learning_rate: metrics.LastValue.from_output('learning_rate')
+  first_nonfinite_step: FirstNonFinite
 
 
 def _clip(grads: Any, max_norm: float) -> Any:
@@ -101,10 +131,13 @@ def make_train_step(
     grad_norm = optax.tree.norm(grads)
     if clip_mode == 'global' and clip_norm:
       grads = _clip(grads, clip_norm)
+    loss = jax.lax.pmean(loss, parallel.DATA_AXIS)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     outputs = dict(
-      loss=jax.lax.pmean(loss, parallel.DATA_AXIS),
+      loss=loss,
       grad_norm=grad_norm,
       learning_rate=schedule(state.step),
+      nonfinite_step=jnp.where(finite, NO_STEP, state.step + 1).astype(jnp.int32),
     )
     return state.apply_gradients(grads), outputs
 
@@ -137,35 +170,6 @@ def make_train_step(
   )
 
 
-class Preemption:
-  """SIGTERM (a TPU preemption notice) -> a stop at a host call that every process agrees on.
-
-  One process: a Python SIGTERM handler sets a flag. Several processes (``jax.distributed``): JAX's
-  own preemption notifier, installed by ``jax.distributed.initialize()``, catches the signal on
-  whichever host gets it, and ``reached_preemption_sync_point`` then turns True on every host at
-  the same sync id; no Python handler may replace that notifier. ``should_stop`` must be called
-  once per host call, on every host: the sync ids advance by one per call.
-  """
-
-  def __init__(self):
-    self._multi_process = jax.process_count() > 1
-    self._received = threading.Event()
-    self._previous = None
-    self._sync_id = 0
-    if not self._multi_process and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._received.set())
-
-  def should_stop(self) -> bool:
-    self._sync_id += 1
-    if self._multi_process:
-      return multihost_utils.reached_preemption_sync_point(self._sync_id)
-    return self._received.is_set()
-
-  def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
   """{'model.ch': 128, ...}: scalar leaves for TensorBoard's hparams; sequences as strings."""
   flat = {}
@@ -189,21 +193,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = parallel.make_mesh()
   factory = train_state.StateFactory.from_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  train_state.remove_stale_temporaries(workdir)
   manager = train_state.checkpoint_manager(
     workdir,
     keep=config.train.keep_checkpoints,
     save_every_steps=config.train.checkpoint_every_steps,
   )
-  if manager.latest_step() is not None:
-    state = train_state.restore(manager, factory.abstract(mesh))
-    logging.info('Resumed from step %d in %s.', int(state.step), manager.directory)
-  else:
-    state = factory.create(mesh)
-  start_step, num_steps = int(state.step), config.train.num_train_steps
-  if start_step >= num_steps:
-    logging.info('The run in %s is complete (step %d); nothing to do.', workdir, start_step)
+  try:
+    if manager.latest_step() is not None:
+      state = train_state.restore(manager, factory.abstract(mesh), rename_unreadable=True)
+      logging.info('Resumed from step %d in %s.', int(state.step), manager.directory)
+    else:
+      state = factory.create(mesh)
+    if int(state.step) >= config.train.num_train_steps:
+      logging.info('The run in %s is complete (step %d); nothing to do.', workdir, state.step)
+      return state
+    return _train(config, workdir, builder, factory, diffusion, mesh, manager, state)
+  finally:
+    manager.wait_until_finished()
     manager.close()
-    return state
+
+
+def _train(
+  config: ml_collections.ConfigDict,
+  workdir: epath.Path,
+  builder: Any,
+  factory: train_state.StateFactory,
+  diffusion: diffusion_lib.GaussianDiffusion,
+  mesh: Mesh,
+  manager: ocp.CheckpointManager,
+  state: TrainState,
+) -> TrainState:
+  """The loop from ``state`` to ``train.num_train_steps``, or to a preemption."""
+  start_step, num_steps = int(state.step), config.train.num_train_steps
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -228,7 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   hooks, collected = _make_hooks(
     config, workdir, builder, factory, diffusion, mesh, writer, report_progress
   )
-  preemption = Preemption()
+  periods = [config.train.log_every_steps, config.train.sample_every_steps, config.eval.every_steps]
+  preemption = runtime.Preemption()
+  health = FirstNonFinite.empty()
   step = start_step
   try:
     with metric_writers.ensure_flushes(writer):
@@ -237,11 +261,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           state, step_metrics = train_step(state, batch)
         collected.append(step_metrics)
+        health = health.merge(step_metrics.first_nonfinite_step)  # on device: no sync
         step += k
-        saved = train_state.save(manager, state, force=step == num_steps)
+        last = step == num_steps
+        if last or manager.should_save(step) or any(p and step % p == 0 for p in periods):
+          _check_finite(health, manager)  # before anything is saved or written
+        saved = train_state.save(manager, state, force=last)
         if preemption.should_stop():  # before the hooks: a preemption notice gives ~30 s
           logging.warning('Preempted (SIGTERM) at step %d: saving and exiting.', step)
           if not saved:
+            _check_finite(health, manager)
             train_state.save(manager, state, force=True)
           break
         for hook_step in range(step - k + 1, step + 1):  # hooks see every optimizer step
@@ -249,10 +278,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           for hook in hooks:
             hook(hook_step, state=state)
   finally:
-    manager.wait_until_finished()
-    manager.close()
     preemption.restore()
   return state
+
+
+def _check_finite(health: FirstNonFinite, manager: ocp.CheckpointManager) -> None:
+  """A NonFiniteError naming the first non-finite step, if any (reads one scalar)."""
+  first = int(health.compute())
+  if first != NO_STEP:
+    raise NonFiniteError(
+      f'Training diverged: the loss or the gradients are not finite from step {first} on. '
+      f'Nothing was saved after it: the latest checkpoint (step {manager.latest_step()}) is the '
+      'last good one. Lower --config.optim.learning_rate (or raise optim.warmup_steps, or clip '
+      'with optim.grad_clip) and run the same command again to resume from it.'
+    )
 
 
 def _make_hooks(
@@ -277,7 +316,9 @@ def _make_hooks(
     for more in collected[1:]:
       merged = merged.merge(more)
     collected.clear()
-    writer.write_scalars(step, {f'train/{k}': v for k, v in merged.compute().items()})
+    values = merged.compute()
+    del values['first_nonfinite_step']  # checked by the loop, at every boundary
+    writer.write_scalars(step, {f'train/{k}': v for k, v in values.items()})
 
   sample_fn = sampling.make_sample_fn(
     factory.model,

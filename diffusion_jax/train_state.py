@@ -17,11 +17,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import models, parallel, rngs
+from diffusion_jax import models, parallel, rngs, runtime
 from diffusion_jax.errors import SetupError
+
+_TMP_MARK = '.orbax-checkpoint-tmp'  # Orbax names a save in flight <step>.orbax-checkpoint-tmp...
+_COMPLETE_MARK = 'commit_success.txt'  # the last file Orbax writes into a finished step
 
 
 @flax.struct.dataclass
@@ -159,12 +163,101 @@ def save(manager: ocp.CheckpointManager, state: TrainState, *, force: bool = Fal
   return manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
 
 
+def remove_stale_temporaries(workdir: epath.PathLike) -> None:
+  """Deletes the temporary folders of saves a killed run left unfinished and moves aside step
+  folders that are not complete (process 0 does it, every process waits for it)."""
+  directory = resolve_workdir(workdir) / 'checkpoints'
+  if jax.process_index() == 0 and directory.exists():
+    for stale in sorted(directory.glob(f'*{_TMP_MARK}*')):
+      logging.info('Removing %s, a save that never finished.', stale)
+      if stale.is_dir():
+        stale.rmtree()
+      else:
+        stale.unlink()
+    for step in directory.iterdir():  # a kill during Orbax's deletion of an old step leaves one
+      if step.name.isdigit() and not (step / _COMPLETE_MARK).exists():
+        logging.warning('%s is incomplete (a deletion or copy cut short); moved aside.', step)
+        step.rename(directory / f'{step.name}.incomplete')
+  runtime.barrier('removed stale checkpoint temporaries')
+
+
 def restore(
-  manager: ocp.CheckpointManager, abstract_state: TrainState, step: int | None = None
+  manager: ocp.CheckpointManager,
+  abstract_state: TrainState,
+  step: int | None = None,
+  *,
+  rename_unreadable: bool = False,
 ) -> TrainState:
-  """The checkpoint at ``step`` (default: the latest), laid out as ``abstract_state``."""
-  step = manager.latest_step() if step is None else step
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  """The checkpoint at ``step`` (default: the latest readable one), laid out as ``abstract_state``.
+
+  A checkpoint that cannot be read (a truncated file, a killed copy) is logged and skipped for the
+  previous complete one; with ``rename_unreadable`` it is renamed aside (``<step>.unreadable``),
+  never deleted, so that the run goes on from the previous one. A checkpoint of another model is
+  a SetupError: its tree does not fit ``abstract_state``.
+  """
+  steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+  for target in steps:
+    try:
+      _check_fits(manager.directory / str(target), abstract_state)
+      state = manager.restore(target, args=ocp.args.StandardRestore(abstract_state))
+      if target != steps[0] and rename_unreadable:
+        manager.reload()  # forget the steps renamed aside
+      return state
+    except SetupError:
+      raise
+    except Exception as e:  # noqa: BLE001  (any failure to read means damaged files)
+      error = e
+    logging.error(
+      'The checkpoint at step %d in %s cannot be read (%s: %s).',
+      target,
+      manager.directory,
+      type(error).__name__,
+      str(error)[:300],
+    )
+    if rename_unreadable:
+      if jax.process_index() == 0:
+        aside = manager.directory / f'{target}.unreadable'
+        (manager.directory / str(target)).rename(aside)
+        logging.error('Renamed it to %s; reading the previous checkpoint.', aside)
+      runtime.barrier(f'renamed the unreadable checkpoint {target} aside')
+  if not steps:
+    raise SetupError(f'No complete checkpoint in {manager.directory}.')
+  raise SetupError(
+    f'No checkpoint in {manager.directory} can be read (tried steps {steps}; see the errors '
+    'above). Move them aside to start over.'
+  )
+
+
+def _check_fits(directory: epath.Path, abstract_state: TrainState) -> None:
+  """A SetupError, before any array is read, if the checkpoint in ``directory`` holds another
+  tree or other shapes than ``abstract_state`` (the config describes another model)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = _shapes(checkpointer.metadata(directory / 'default').item_metadata)
+  if not stored:
+    raise ValueError(f'no array metadata in {directory}')  # damaged: read the previous one
+  wanted = _shapes(abstract_state)
+  problems = [
+    f'{"/".join(path)}: stored {stored.get(path, "nothing")}, the config needs '
+    f'{wanted.get(path, "nothing")}'
+    for path in sorted(stored.keys() | wanted.keys())
+    if stored.get(path) != wanted.get(path)
+  ]
+  if problems:
+    raise SetupError(
+      f'The checkpoint {directory} holds another model than the config describes '
+      f'({len(problems)} differences, e.g. {"; ".join(problems[:3])}). Use the config the run '
+      'was trained with (its config.json), or a new --workdir.'
+    )
+
+
+def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Leaf path (as names) -> shape."""
+  return {
+    tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path): tuple(
+      leaf.shape
+    )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def restore_latest(workdir: epath.PathLike, abstract_state: TrainState) -> TrainState:

@@ -1,0 +1,87 @@
+"""Recovery: a diverging run stops before saving NaNs, an unreadable latest checkpoint gives way to
+the previous one (renamed aside, never deleted), stale temporaries of killed saves are removed,
+and a checkpoint of another model is a clear error."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax import parallel, sampling, train, train_state
+from diffusion_jax.errors import SetupError
+
+
+def steps_in(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+def latest_state(config, workdir):
+  factory = train_state.StateFactory.from_config(config)
+  return train_state.restore_latest(workdir, factory.abstract(parallel.make_mesh()))
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_without_saving_it(
+  tiny_config, tmp_path
+):
+  tiny_config.optim.update(learning_rate=1e6, warmup_steps=1, grad_clip=0.0)
+  tiny_config.train.update(num_train_steps=8, checkpoint_every_steps=1, log_every_steps=4)
+  with pytest.raises(train.NonFiniteError, match=r'not finite from step (\d+) on') as error:
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  first_bad = int(error.value.args[0].split('from step ')[1].split()[0])
+  saved = steps_in(tmp_path)
+  assert saved and max(saved) < first_bad  # the last good step is the latest checkpoint
+  state = latest_state(tiny_config, tmp_path)
+  for leaf in jax.tree.leaves(jax.device_get((state.params, state.ema_params, state.opt_state))):
+    assert np.isfinite(leaf).all()
+  assert not (tmp_path / 'samples').exists()  # no NaN grid either
+
+
+def test_an_unreadable_latest_checkpoint_is_renamed_aside_and_the_previous_one_resumes(
+  tiny_config, tmp_path
+):
+  tiny_config.train.update(num_train_steps=3, checkpoint_every_steps=1)
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert steps_in(tmp_path) == [1, 2, 3]
+  metadata = tmp_path / 'checkpoints' / '3' / 'default' / '_METADATA'
+  metadata.write_text(metadata.read_text()[:40])  # truncated, as a full disk leaves it
+  previous = latest_state(tiny_config, tmp_path)  # --mode=sample and eval read the previous one
+  assert int(previous.step) == 2
+  tiny_config.train.num_train_steps = 4
+  resumed = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert int(resumed.step) == 4
+  assert steps_in(tmp_path) == [2, 3, 4]  # resumed from 2: step 3 trained and saved anew
+  aside = tmp_path / 'checkpoints' / '3.unreadable'
+  assert (aside / 'default' / '_METADATA').read_text() == metadata.read_text()[:40]
+
+
+def test_no_readable_checkpoint_at_all_is_a_clear_error(tiny_config, tmp_path):
+  tiny_config.train.update(num_train_steps=1, checkpoint_every_steps=1)
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  (tmp_path / 'checkpoints' / '1' / 'default' / '_METADATA').write_text('{')
+  with pytest.raises(SetupError, match=r'No checkpoint .* can be read \(tried steps \[1\]'):
+    sampling.sample_from_checkpoint(tiny_config, str(tmp_path), num_samples=2)
+
+
+def test_leftovers_of_killed_saves_and_deletions_are_cleared_on_start(tiny_config, tmp_path):
+  tiny_config.train.update(num_train_steps=1, checkpoint_every_steps=1)
+  stale = tmp_path / 'checkpoints' / '7.orbax-checkpoint-tmp-1764489600'
+  (stale / 'default').mkdir(parents=True)
+  (stale / 'default' / 'half_written').write_bytes(b'\0' * 10)
+  half_deleted = tmp_path / 'checkpoints' / '0'  # what a kill during Orbax's deletion leaves
+  (half_deleted / 'default').mkdir(parents=True)
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert not stale.exists() and steps_in(tmp_path) == [1]
+  assert (tmp_path / 'checkpoints' / '0.incomplete' / 'default').is_dir()  # moved, not deleted
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_config, tmp_path):
+  tiny_config.train.update(num_train_steps=1, checkpoint_every_steps=1)
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  wider = tiny_config.copy_and_resolve_references()
+  wider.model.ch = 64
+  with pytest.raises(SetupError, match='holds another model than the config describes'):
+    latest_state(wider, tmp_path)
+  assert steps_in(tmp_path) == [1]  # nothing renamed or lost
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['model']['ch'] == 32

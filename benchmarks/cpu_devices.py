@@ -39,13 +39,13 @@ def time_step(num_devices: int, steps: int) -> float:
   import numpy as np
 
   from diffusion_jax import diffusion as diffusion_lib
-  from diffusion_jax import parallel, train, train_state
+  from diffusion_jax import parallel, train_state, train_step
 
   config = digits_config()
   mesh = parallel.make_mesh()
   factory = train_state.StateFactory.from_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train.make_train_step(config.optim, factory.model, diffusion, mesh)
+  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
   state = factory.create(mesh)
   shape = (1, config.train.batch_size, *factory.image_shape)
   images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)

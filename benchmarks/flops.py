@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from absl import app
 
-from diffusion_jax import config_defaults, hardware, parallel, train, train_state
+from diffusion_jax import config_defaults, hardware, parallel, train_state, train_step
 from diffusion_jax import diffusion as diffusion_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -34,7 +34,7 @@ def step_flops(config_file: str, batch: int) -> tuple[float, float]:
   factory = train_state.StateFactory.from_config(config)
   mesh = parallel.make_mesh(jax.devices()[:1])
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train.make_train_step(config.optim, factory.model, diffusion, mesh)
+  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
   images = jax.ShapeDtypeStruct(
     (1, batch, *factory.image_shape), jnp.float32, sharding=parallel.steps_sharding(mesh)
   )

@@ -1,173 +1,35 @@
-"""Training (Algorithm 1): a data-parallel step over every device of every host, and the CLU loop.
-
-The step is one ``jax.shard_map`` over a 1-D ``data`` mesh: the train state is replicated, the
-global batch is split over devices, gradients and metrics are averaged with ``pmean``. Each
-example's timestep and noise are drawn from a key folded with its global index in the batch, so
-with ``optim.grad_clip_mode='global'`` and no dropout the step does not depend on how the batch is
-laid out over devices (per-device clipping clips each device's own gradient, and dropout keys are
-per device).
-"""
+"""The training loop: restore or start, the data-parallel step (``train_step``) on the input
+pipeline's batches, Orbax checkpoints, CLU metrics, sample grids and evaluation, preemption."""
 
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import (
   evaluate,
   input_pipeline,
-  models,
   parallel,
   rngs,
   runtime,
   sampling,
   train_state,
+  train_step,
   validation,
 )
 from diffusion_jax.errors import SetupError
 from diffusion_jax.train_state import TrainState
 
-StepFn = Callable[[TrainState, jax.Array], tuple[TrainState, 'TrainMetrics']]
-
-
-NO_STEP = np.iinfo(np.int32).max
-
 
 class NonFiniteError(SetupError):
   """The loss or the gradients stopped being finite: the run diverged."""
-
-
-@flax.struct.dataclass
-class FirstNonFinite(metrics.Metric):
-  """The first step whose loss or gradients were not finite (``NO_STEP`` if none); stays on
-  device until read."""
-
-  step: jax.Array
-
-  @classmethod
-  def from_model_output(cls, *, nonfinite_step: jax.Array, **_) -> 'FirstNonFinite':
-    return cls(step=nonfinite_step)
-
-  @classmethod
-  def empty(cls) -> 'FirstNonFinite':
-    return cls(step=jnp.asarray(NO_STEP, jnp.int32))
-
-  def merge(self, other: 'FirstNonFinite') -> 'FirstNonFinite':
-    return type(self)(step=jnp.minimum(self.step, other.step))
-
-  def compute(self) -> jax.Array:
-    return self.step
-
-
-@flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output('loss')
-  grad_norm: metrics.Average.from_output('grad_norm')
-  learning_rate: metrics.LastValue.from_output('learning_rate')
-  first_nonfinite_step: FirstNonFinite
-
-
-def _clip(grads: Any, max_norm: float) -> Any:
-  """``grads`` scaled so that their global norm is at most ``max_norm`` (stateless)."""
-  return optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
-
-
-def make_train_step(
-  optim_config: ml_collections.ConfigDict,
-  model: models.UNet,
-  diffusion: diffusion_lib.GaussianDiffusion,
-  mesh: Mesh,
-) -> StepFn:
-  """The jitted ``step(state, images) -> (state, metrics)`` over ``mesh``.
-
-  ``images`` is the global batch [steps_per_call, B, H, W, C] sharded on B; the state is donated.
-  Several optimizer steps per call run in a ``lax.scan``. Gradients are clipped to
-  ``optim_config.grad_clip`` per device before the average or globally after it.
-  """
-  num_timesteps = diffusion.num_timesteps
-  schedule = train_state.learning_rate_schedule(optim_config)
-  clip_norm, clip_mode = optim_config.grad_clip, optim_config.grad_clip_mode
-
-  def example_draws(rng: jax.Array, batch_index: jax.Array, shape: tuple[int, ...]):
-    """Timestep t ~ U{0..T-1} and noise ε ~ N(0, I) for one example, keyed by its global index."""
-    key_t, key_noise = jax.random.split(jax.random.fold_in(rng, batch_index))
-    return (
-      jax.random.randint(key_t, (), 0, num_timesteps),
-      jax.random.normal(key_noise, shape, jnp.float32),
-    )
-
-  def one_step(state: TrainState, images: jax.Array):
-    device = jax.lax.axis_index(parallel.DATA_AXIS)
-    local_batch = images.shape[0]
-    example_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    batch_index = device * local_batch + jnp.arange(local_batch)
-    draws = jax.vmap(example_draws, in_axes=(None, 0, None))
-    t, noise = draws(example_rng, batch_index, images.shape[1:])
-    dropout_rng = jax.random.fold_in(dropout_rng, device)
-
-    def loss_fn(params):
-      model_fn = models.model_fn(model, params, dropout_rng=dropout_rng)
-      return jnp.mean(diffusion.training_losses(model_fn, images, t, noise))
-
-    # Params are replicated; cast them to device-varying so that each device gets its own
-    # gradient (differentiating an invariant input would psum the gradients implicitly).
-    params = jax.lax.pcast(state.params, parallel.DATA_AXIS, to='varying')
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    if clip_mode == 'per_device' and clip_norm:
-      grads = _clip(grads, clip_norm)
-    grads = jax.lax.pmean(grads, parallel.DATA_AXIS)
-    grad_norm = optax.tree.norm(grads)
-    if clip_mode == 'global' and clip_norm:
-      grads = _clip(grads, clip_norm)
-    loss = jax.lax.pmean(loss, parallel.DATA_AXIS)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    outputs = dict(
-      loss=loss,
-      grad_norm=grad_norm,
-      learning_rate=schedule(state.step),
-      nonfinite_step=jnp.where(finite, NO_STEP, state.step + 1).astype(jnp.int32),
-    )
-    return state.apply_gradients(grads), outputs
-
-  def per_device(state: TrainState, images: jax.Array):
-    if images.shape[0] == 1:  # no scan: XLA:CPU runs a scan around the backward pass ~20x slower
-      state, outputs = one_step(state, images[0])
-      return state, jax.tree.map(lambda x: x[None], outputs)
-    return jax.lax.scan(one_step, state, images)
-
-  sharded = jax.shard_map(
-    per_device,
-    mesh=mesh,
-    in_specs=(P(), P(None, parallel.DATA_AXIS)),
-    out_specs=(P(), P()),
-  )
-
-  def step(state, images):
-    state, outputs = sharded(state, images)
-    collection = TrainMetrics.empty()
-    for i in range(images.shape[0]):
-      output = jax.tree.map(lambda x, i=i: x[i], outputs)
-      collection = collection.merge(TrainMetrics.single_from_model_output(**output))
-    return state, collection
-
-  return jax.jit(
-    step,
-    in_shardings=(parallel.replicated(mesh), parallel.steps_sharding(mesh)),
-    out_shardings=parallel.replicated(mesh),
-    donate_argnums=0,
-  )
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
@@ -235,7 +97,7 @@ def _train(
   parameter_overview.log_parameter_overview(state.params)
 
   k = config.train.steps_per_call
-  train_step = make_train_step(config.optim, factory.model, diffusion, mesh)
+  step_fn = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
   train_iter = input_pipeline.create_train_iterator(
     builder,
     config.dataset,
@@ -252,14 +114,14 @@ def _train(
   )
   periods = [config.train.log_every_steps, config.train.sample_every_steps, config.eval.every_steps]
   preemption = runtime.Preemption()
-  health = FirstNonFinite.empty()
+  health = train_step.FirstNonFinite.empty()
   step = start_step
   try:
     with metric_writers.ensure_flushes(writer):
       while step < num_steps:
         batch = parallel.shard_steps(mesh, next(train_iter)['image'])
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, step_metrics = train_step(state, batch)
+          state, step_metrics = step_fn(state, batch)
         collected.append(step_metrics)
         health = health.merge(step_metrics.first_nonfinite_step)  # on device: no sync
         step += k
@@ -282,10 +144,10 @@ def _train(
   return state
 
 
-def _check_finite(health: FirstNonFinite, manager: ocp.CheckpointManager) -> None:
+def _check_finite(health: train_step.FirstNonFinite, manager: ocp.CheckpointManager) -> None:
   """A NonFiniteError naming the first non-finite step, if any (reads one scalar)."""
   first = int(health.compute())
-  if first != NO_STEP:
+  if first != train_step.NO_STEP:
     raise NonFiniteError(
       f'Training diverged: the loss or the gradients are not finite from step {first} on. '
       f'Nothing was saved after it: the latest checkpoint (step {manager.latest_step()}) is the '
@@ -303,12 +165,12 @@ def _make_hooks(
   mesh: Mesh,
   writer: metric_writers.MetricWriter,
   report_progress: periodic_actions.ReportProgress,
-) -> tuple[list[periodic_actions.PeriodicCallback], list[TrainMetrics]]:
+) -> tuple[list[periodic_actions.PeriodicCallback], list[train_step.TrainMetrics]]:
   """The loop's periodic callbacks (metrics, sample grids, evaluation; timed by
   ``report_progress``), called after every optimizer step with the state, and the list the loop
   appends each call's metrics to."""
   num_steps = config.train.num_train_steps
-  collected: list[TrainMetrics] = []
+  collected: list[train_step.TrainMetrics] = []
 
   def write_metrics(step: int, t: float, state: TrainState) -> None:
     del t, state

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, parallel, sampling, train, train_state
+from diffusion_jax import input_pipeline, parallel, sampling, train, train_state, train_step
 from diffusion_jax.errors import SetupError
 
 from conftest import run_main, tiny_flags
@@ -37,7 +37,7 @@ def setup(config, devices):
   mesh = parallel.make_mesh(devices)
   factory = train_state.StateFactory.from_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train.make_train_step(config.optim, factory.model, diffusion, mesh)
+  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
   return mesh, factory.create(mesh), step
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import parallel, train, train_state
+from diffusion_jax import parallel, train_state, train_step
 
 from conftest import REPO, load_config
 
@@ -58,7 +58,7 @@ def one_step_digests() -> dict[str, dict]:
   mesh = parallel.make_mesh(jax.devices()[:2])
   factory = train_state.StateFactory.from_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train.make_train_step(config.optim, factory.model, diffusion, mesh)
+  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
   images = np.random.default_rng(0).uniform(-1, 1, (1, 8, 8, 8, 1)).astype(np.float32)
   state, _ = step(factory.create(mesh), parallel.shard_steps(mesh, images))
   return leaf_digests(state)

@@ -21,13 +21,12 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 from clu import metric_writers
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import (
+  console,
   fid,
   images,
   input_pipeline,
@@ -37,6 +36,7 @@ from diffusion_jax import (
   train_state,
   validation,
 )
+from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.errors import SetupError
 from diffusion_jax.evaluators import bound, digits, inception, samples
 
@@ -53,6 +53,26 @@ def bound_split(config: ml_collections.ConfigDict) -> str | None:
 def reference_split(config: ml_collections.ConfigDict) -> str:
   """The FID reference split: ``eval.reference_split`` cut to ``eval.reference_num_examples``."""
   return first_examples(config.eval.reference_split, config.eval.reference_num_examples)
+
+
+# Scalar name -> what a person reads on the console.
+_NAMES = {
+  'eval/digits_confident_fraction': 'confident',
+  'eval/digits_fd': 'FD',
+  'eval/digits_min_class_fraction': 'min class',
+  'eval/digits_max_class_fraction': 'max class',
+  'eval/fid': 'FID',
+  'eval/is': 'IS',
+  'eval/is_std': 'IS std',
+  'eval/bpd': 'bits/dim',
+  'eval/bpd_prior': 'prior',
+  'eval/bpd_decoder': 'decoder',
+}
+
+
+def describe(scalars: dict[str, float]) -> str:
+  """``confident 0.894, FD 11.8, ...``: evaluation scalars for the console."""
+  return ', '.join(f'{_NAMES.get(k, k.removeprefix("eval/"))} {v:.4g}' for k, v in scalars.items())
 
 
 def first_examples(split: str, num_examples: int | None) -> str:
@@ -90,6 +110,8 @@ class Evaluator:
   def __call__(self, params: Any, *, num_grid: int = 0) -> Evaluation:
     """Sample metrics of ``num_samples`` samples, bits/dim if configured, the first ``num_grid``."""
     chunks = self.sampler.chunks(params, jax.random.fold_in(self.rng, 0), self.num_samples)
+    num_chunks = -(-self.num_samples // self.sampler.chunk_size)
+    chunks = iter(console.Counted(chunks, f'sampling {self.num_samples} (chunks)', num_chunks))
     grid = None
     if num_grid:  # gathers the whole first chunk once
       grid, chunks = samples.peek_images(chunks, min(num_grid, self.num_samples))
@@ -125,9 +147,10 @@ def make_score_fn(
   )
 
   def reference_batches() -> Iterable[input_pipeline.Batch]:
-    return input_pipeline.create_eval_dataset(
+    batches, num_batches = input_pipeline.create_eval_dataset(
       builder, config.dataset, reference_split, batch_size=batch_size
-    )[0]
+    )
+    return console.Counted(batches, f'FID reference of {reference_split} (batches)', num_batches)
 
   return inception.InceptionEvaluator.create(
     params, mesh, reference_path=path, reference_batches=reference_batches
@@ -167,9 +190,10 @@ def build_evaluator(
     bpd_fn = bound.make_bpd_fn(
       functools.partial(models.model_fn, model), diffusion, mesh, clip_denoised=clip_denoised
     )
-    nll_batches, _ = input_pipeline.create_eval_dataset(
+    nll_batches, num_batches = input_pipeline.create_eval_dataset(
       builder, config.dataset, nll_split, batch_size=batch_size
     )
+    nll_batches = console.Counted(nll_batches, f'bits/dim on {nll_split} (batches)', num_batches)
     nll_fn = bound.BoundEvaluator(bpd_fn, nll_batches, mesh)
   return Evaluator(
     sampler=samples.ChunkedSampler(sample_fn, chunk_size),
@@ -270,5 +294,6 @@ def evaluate_checkpoint(
   writer.write_scalars(run.step, result.scalars())
   writer.flush()
   writer.close()
-  logging.info('Evaluated step %d into %s: %s', run.step, out_dir, report['metrics'])
+  console.say('Evaluated step %d: %s', run.step, describe(result.scalars()))
+  console.say('  report: %s', out_dir / 'report.json')
   return report

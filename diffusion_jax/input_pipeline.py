@@ -13,9 +13,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import logging
 
-from diffusion_jax import images, rngs, runtime
+from diffusion_jax import console, images, rngs, runtime
 from diffusion_jax.datasets import sklearn_digits
 from diffusion_jax.errors import SetupError
 
@@ -127,7 +126,7 @@ def _prepared_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.Da
   if builder.is_prepared():
     return builder
   if builder.name == sklearn_digits.SklearnDigits.name:
-    logging.info('Building %s in %s (offline, once).', builder.name, builder.data_dir_root)
+    console.say('Building %s in %s (offline, once).', builder.name, builder.data_dir_root)
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )

@@ -8,10 +8,10 @@ import uuid
 
 import jax
 import numpy as np
-from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffusion_jax import console
 from diffusion_jax.errors import SetupError
 
 # Device files of a TPU VM's chips; their presence means JAX should run on a TPU here.
@@ -38,7 +38,7 @@ def start(
   if distributed:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   check_platform()
-  logging.info(
+  console.say(
     'JAX process %d / %d, %d local / %d global devices (%s).',
     jax.process_index(),
     jax.process_count(),

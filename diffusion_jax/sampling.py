@@ -11,14 +11,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from clu import metric_writers
 from etils import epath
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from diffusion_jax import console, images, models, parallel, rngs, runtime, train_state
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import images, models, parallel, rngs, runtime, train_state
 
 SampleFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -136,5 +135,5 @@ def sample_from_checkpoint(
   if jax.process_index() == 0:
     with stem.with_suffix('.npz').open('wb') as f:
       np.savez_compressed(f, images=samples, step=run.step)
-    logging.info('Wrote %d samples of step %d to %s.{png,npz}', num_samples, run.step, stem)
+    console.say('%d samples of step %d: %s.png and .npz', num_samples, run.step, stem)
   return samples

@@ -1,29 +1,26 @@
 """The training loop: restore or start, the data-parallel step (``train_step``) on the input
 pipeline's batches, Orbax checkpoints, CLU metrics, sample grids and evaluation, preemption."""
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import (
-  evaluate,
+  console,
+  hooks,
   input_pipeline,
   parallel,
-  rngs,
   runtime,
-  sampling,
   train_state,
   train_step,
   validation,
 )
+from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.errors import SetupError
 from diffusion_jax.train_state import TrainState
 
@@ -64,11 +61,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   try:
     if manager.latest_step() is not None:
       state = train_state.restore(manager, factory.abstract(mesh), rename_unreadable=True)
-      logging.info('Resumed from step %d in %s.', int(state.step), manager.directory)
+      console.say('Resumed from step %d in %s.', int(state.step), manager.directory)
     else:
       state = factory.create(mesh)
     if int(state.step) >= config.train.num_train_steps:
-      logging.info('The run in %s is complete (step %d); nothing to do.', workdir, state.step)
+      console.say('The run in %s is complete (step %d); nothing to do.', workdir, state.step)
       return state
     return _train(config, workdir, builder, factory, diffusion, mesh, manager, state)
   finally:
@@ -109,8 +106,8 @@ def _train(
   report_progress = periodic_actions.ReportProgress(
     num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every_steps
   )
-  hooks, collected = _make_hooks(
-    config, workdir, builder, factory, diffusion, mesh, writer, report_progress
+  periodic, collected = hooks.make_hooks(
+    config, workdir, builder, factory, diffusion, mesh, writer, report_progress, start_step
   )
   periods = [config.train.log_every_steps, config.train.sample_every_steps, config.eval.every_steps]
   preemption = runtime.Preemption()
@@ -129,19 +126,31 @@ def _train(
         if last or manager.should_save(step) or any(p and step % p == 0 for p in periods):
           _check_finite(health, manager)  # before anything is saved or written
         saved = train_state.save(manager, state, force=last)
+        if saved:
+          console.say('checkpoint of step %d: %s', step, manager.directory / str(step))
         if preemption.should_stop():  # before the hooks: a preemption notice gives ~30 s
-          logging.warning('Preempted (SIGTERM) at step %d: saving and exiting.', step)
+          console.say('Preempted (SIGTERM) at step %d: saving and exiting.', step)
           if not saved:
             _check_finite(health, manager)
             train_state.save(manager, state, force=True)
           break
         for hook_step in range(step - k + 1, step + 1):  # hooks see every optimizer step
           report_progress(hook_step)
-          for hook in hooks:
+          for hook in periodic:
             hook(hook_step, state=state)
   finally:
     preemption.restore()
+  if step == num_steps:
+    _summary(workdir, manager, step)
   return state
+
+
+def _summary(workdir: epath.Path, manager: ocp.CheckpointManager, step: int) -> None:
+  """Where the run's results are, and how to look at them."""
+  console.say('Done: step %d in %s', step, workdir)
+  console.say('  sample grids:  %s', workdir / 'samples')
+  console.say('  checkpoints:   %s (latest: step %s)', manager.directory, manager.latest_step())
+  console.say('  TensorBoard:   tensorboard --logdir %s', workdir)
 
 
 def _check_finite(health: train_step.FirstNonFinite, manager: ocp.CheckpointManager) -> None:
@@ -154,87 +163,3 @@ def _check_finite(health: train_step.FirstNonFinite, manager: ocp.CheckpointMana
       'last good one. Lower --config.optim.learning_rate (or raise optim.warmup_steps, or clip '
       'with optim.grad_clip) and run the same command again to resume from it.'
     )
-
-
-def _make_hooks(
-  config: ml_collections.ConfigDict,
-  workdir: epath.Path,
-  builder: Any,
-  factory: train_state.StateFactory,
-  diffusion: diffusion_lib.GaussianDiffusion,
-  mesh: Mesh,
-  writer: metric_writers.MetricWriter,
-  report_progress: periodic_actions.ReportProgress,
-) -> tuple[list[periodic_actions.PeriodicCallback], list[train_step.TrainMetrics]]:
-  """The loop's periodic callbacks (metrics, sample grids, evaluation; timed by
-  ``report_progress``), called after every optimizer step with the state, and the list the loop
-  appends each call's metrics to."""
-  num_steps = config.train.num_train_steps
-  collected: list[train_step.TrainMetrics] = []
-
-  def write_metrics(step: int, t: float, state: TrainState) -> None:
-    del t, state
-    merged = collected[0]
-    for more in collected[1:]:
-      merged = merged.merge(more)
-    collected.clear()
-    values = merged.compute()
-    del values['first_nonfinite_step']  # checked by the loop, at every boundary
-    writer.write_scalars(step, {f'train/{k}': v for k, v in values.items()})
-
-  sample_fn = sampling.make_sample_fn(
-    factory.model,
-    diffusion,
-    mesh,
-    image_shape=factory.image_shape,
-    num_samples=config.train.num_sample_images,
-    clip_denoised=config.train.clip_denoised,
-  )
-
-  def write_grid(step: int, t: float, state: TrainState) -> None:
-    del t
-    sampling.write_sample_grid(
-      sample_fn,
-      state.ema_params,
-      rngs.key(config.seed, 'sample_grid'),
-      num_samples=config.train.num_sample_images,
-      path=workdir / 'samples' / f'step_{step:08d}.png',
-      writer=writer,
-      step=step,
-    )
-
-  hooks = [
-    periodic_actions.PeriodicCallback(
-      every_steps=config.train.log_every_steps, on_steps=[num_steps], callback_fn=write_metrics
-    ),
-    periodic_actions.PeriodicCallback(
-      every_steps=config.train.sample_every_steps,
-      on_steps=[num_steps],
-      callback_fn=_timed(report_progress, 'sample', write_grid),
-    ),
-  ]
-  if config.eval.every_steps:
-    evaluator = evaluate.make_in_loop_evaluator(
-      config, workdir, builder, factory.model, diffusion, mesh
-    )
-
-    def run_eval(step: int, t: float, state: TrainState) -> None:
-      del t
-      evaluator(step, state.ema_params, writer)
-
-    hooks.append(
-      periodic_actions.PeriodicCallback(
-        every_steps=config.eval.every_steps, callback_fn=_timed(report_progress, 'eval', run_eval)
-      )
-    )
-  return hooks, collected
-
-
-def _timed(report_progress: periodic_actions.ReportProgress, name: str, fn: Callable) -> Callable:
-  """``fn`` with its time reported by ``report_progress`` under ``name``."""
-
-  def timed(**kwargs):
-    with report_progress.timed(name):
-      return fn(**kwargs)
-
-  return timed

@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import models, parallel, rngs, runtime
+from diffusion_jax import console, models, parallel, rngs, runtime
 from diffusion_jax.errors import SetupError
 
 _TMP_MARK = '.orbax-checkpoint-tmp'  # Orbax names a save in flight <step>.orbax-checkpoint-tmp...
@@ -169,14 +169,14 @@ def remove_stale_temporaries(workdir: epath.PathLike) -> None:
   directory = resolve_workdir(workdir) / 'checkpoints'
   if jax.process_index() == 0 and directory.exists():
     for stale in sorted(directory.glob(f'*{_TMP_MARK}*')):
-      logging.info('Removing %s, a save that never finished.', stale)
+      console.say('Removing %s, a save that never finished.', stale)
       if stale.is_dir():
         stale.rmtree()
       else:
         stale.unlink()
     for step in directory.iterdir():  # a kill during Orbax's deletion of an old step leaves one
       if step.name.isdigit() and not (step / _COMPLETE_MARK).exists():
-        logging.warning('%s is incomplete (a deletion or copy cut short); moved aside.', step)
+        console.say('%s is incomplete (a deletion or copy cut short): moved aside.', step)
         step.rename(directory / f'{step.name}.incomplete')
   runtime.barrier('removed stale checkpoint temporaries')
 

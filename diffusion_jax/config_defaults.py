@@ -49,6 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.model_var_type = 'fixedlarge'
   config.diffusion.loss_type = 'mse'
 
+  # How samples are drawn (grids, --mode=sample, --mode=eval): 'ancestral' (Algorithm 2; on
+  # num_steps respaced steps if set) or 'ddim' (Song et al. 2021, eta=0 deterministic).
+  config.sample = ml_collections.ConfigDict()
+  config.sample.method = 'ancestral'
+  config.sample.num_steps = ml_collections.config_dict.placeholder(int)  # None: all T steps
+  config.sample.eta = 0.0
+
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 2e-4
   config.optim.warmup_steps = 5000

@@ -182,7 +182,7 @@ def build_evaluator(
     mesh,
     image_shape=image_shape,
     num_samples=chunk_size,
-    clip_denoised=clip_denoised,
+    **sampling.sampler_settings(config),
   )
   batch_size = samples.round_up(ev.batch_size, mesh.devices.size)  # the global data batch
   nll_fn = None
@@ -271,6 +271,7 @@ def evaluate_checkpoint(
     'dataset': config.dataset.name,
     'step': run.step,
     'metrics_kind': ev.metrics,
+    'sampler': sampling.sampler_settings(config),
     'num_samples': ev.num_samples,
     'reference_split': evaluator.reference_split,
     'reference_count': evaluator.reference_count,

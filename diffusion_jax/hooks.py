@@ -60,7 +60,7 @@ def make_hooks(
     mesh,
     image_shape=factory.image_shape,
     num_samples=config.train.num_sample_images,
-    clip_denoised=config.train.clip_denoised,
+    **sampling.sampler_settings(config),
   )
 
   def write_grid(step: int, t: float, state: TrainState) -> None:

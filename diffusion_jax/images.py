@@ -25,10 +25,11 @@ def from_pixels(pixels):
   return pixels / 127.5 - 1.0
 
 
-def image_grid(images: np.ndarray, *, padding: int = 2) -> np.ndarray:
-  """uint8 [N, H, W, C] -> one uint8 [rows*(H+p)+p, cols*(W+p)+p, C] grid, near-square."""
+def image_grid(images: np.ndarray, *, padding: int = 2, columns: int | None = None) -> np.ndarray:
+  """uint8 [N, H, W, C] -> one uint8 [rows*(H+p)+p, cols*(W+p)+p, C] grid, near-square unless
+  ``columns`` is given (row by row)."""
   n, h, w, c = images.shape
-  cols = math.ceil(math.sqrt(n))
+  cols = columns or math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
   grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
   for k, image in enumerate(images):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 # Stream name -> offset of its key PRNGKey(seed + offset).
-_OFFSETS = {'train': 0, 'sample_grid': 1, 'sample': 2, 'eval': 3}
+_OFFSETS = {'train': 0, 'sample_grid': 1, 'sample': 2, 'eval': 3, 'figures': 4}
 STREAMS = tuple(_OFFSETS)
 
 
@@ -16,7 +16,8 @@ def key(seed: int, stream: str) -> jax.Array:
   """The key of a named stream.
 
   ``train``: per-step timesteps, noise and dropout; ``sample_grid``: the loop's sample grids;
-  ``sample``: ``--mode=sample``; ``eval``: evaluation samples and the bound's noise.
+  ``sample``: ``--mode=sample``; ``eval``: evaluation samples and the bound's noise;
+  ``figures``: ``--mode=figures``.
   """
   if stream not in _OFFSETS:
     raise ValueError(f'Unknown random stream {stream!r}; choose one of {STREAMS}.')

@@ -22,6 +22,43 @@ from diffusion_jax import diffusion as diffusion_lib
 SampleFn = Callable[[Any, jax.Array], jax.Array]
 
 
+SAMPLE_METHODS = ('ancestral', 'ddim')
+
+
+def reverse_process(
+  diffusion: diffusion_lib.GaussianDiffusion,
+  *,
+  method: str = 'ancestral',
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  clip_denoised: bool = True,
+) -> Callable[[Callable, tuple[int, ...], jax.Array], jax.Array]:
+  """``sample(model_fn, shape, rng) -> x_0``: Algorithm 2 on all T steps or on ``num_steps``
+  respaced ones (``method='ancestral'``), or DDIM with ``eta`` (``method='ddim'``)."""
+  if method not in SAMPLE_METHODS:
+    raise ValueError(f'Unknown sample.method {method!r}; choose one of {SAMPLE_METHODS}.')
+  if method == 'ddim':
+    return lambda model_fn, shape, rng: diffusion.ddim_sample_loop(
+      model_fn, shape, rng, num_steps=num_steps, eta=eta, clip_denoised=clip_denoised
+    )
+  spaced = (
+    diffusion if num_steps in (None, diffusion.num_timesteps) else diffusion.respaced(num_steps)
+  )
+  return lambda model_fn, shape, rng: spaced.p_sample_loop(
+    model_fn, shape, rng, clip_denoised=clip_denoised
+  )
+
+
+def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The ``reverse_process`` keywords of a config: ``sample.*`` and ``train.clip_denoised``."""
+  return dict(
+    method=config.sample.method,
+    num_steps=config.sample.num_steps,
+    eta=config.sample.eta,
+    clip_denoised=config.train.clip_denoised,
+  )
+
+
 def make_sample_fn(
   model: nn.Module,
   diffusion: diffusion_lib.GaussianDiffusion,
@@ -30,22 +67,24 @@ def make_sample_fn(
   image_shape: tuple[int, int, int],
   num_samples: int,
   clip_denoised: bool = True,
+  method: str = 'ancestral',
+  num_steps: int | None = None,
+  eta: float = 0.0,
 ) -> SampleFn:
   """A jitted ``sample(params, rng) -> [num_samples, H, W, C]`` in [-1, 1], sharded over ``mesh``.
 
   ``num_samples`` is rounded up to a multiple of the device count; each device runs the whole
-  reverse chain on its own share with the key ``fold_in(rng, device index)``.
+  reverse chain (``reverse_process`` of the keywords) on its own share with the key
+  ``fold_in(rng, device index)``.
   """
   per_device = -(-num_samples // mesh.devices.size)
+  reverse = reverse_process(
+    diffusion, method=method, num_steps=num_steps, eta=eta, clip_denoised=clip_denoised
+  )
 
   def per_device_sample(params, rng):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
-    return diffusion.p_sample_loop(
-      models.model_fn(model, params),
-      (per_device, *image_shape),
-      rng,
-      clip_denoised=clip_denoised,
-    )
+    return reverse(models.model_fn(model, params), (per_device, *image_shape), rng)
 
   return jax.jit(
     jax.shard_map(
@@ -122,7 +161,7 @@ def sample_from_checkpoint(
     run.mesh,
     image_shape=run.image_shape,
     num_samples=num_samples,
-    clip_denoised=config.train.clip_denoised,
+    **sampler_settings(config),
   )
   stem = run.workdir / 'samples' / f'ema_step_{run.step:08d}_n{num_samples}'
   samples = write_sample_grid(

@@ -1,6 +1,7 @@
 """Closed-form reference for Gaussian data: the analytic-optimal ε-model and its expected bound.
 
-Shared by test_diffusion.py (the bound in one process) and test_evaluators_bound.py (sharded).
+Shared by test_diffusion.py (the bound in one process), test_evaluators_bound.py (sharded) and
+test_samplers.py (the closed-form moments of samplers that skip steps).
 """
 
 import math
@@ -58,3 +59,70 @@ def expected_bound_bits(betas: np.ndarray, mu: float, s: float) -> float:
   )
   decoder = -np.sum(weights / weights.sum() * (upper + np.log1p(-np.exp(lower - upper))))
   return (prior + kls + decoder) / math.log(2)
+
+
+def _optimal_predictions(a: float) -> tuple[float, float, float, float]:
+  """(p, q, c, e) with x̂_0 = p x_t + q and ε̂ = c x_t + e for the optimal model at ᾱ = a."""
+  c = math.sqrt(1 - a) / (a * S**2 + 1 - a)
+  return (
+    (1 - math.sqrt(1 - a) * c) / math.sqrt(a),
+    math.sqrt(1 - a) * c * MU,
+    c,
+    -c * math.sqrt(a) * MU,
+  )
+
+
+def sampler_moments(
+  alphas_cumprod: np.ndarray,
+  steps,
+  *,
+  sampler: str,
+  var: str = 'fixedsmall',
+  eta: float = 0.0,
+  start=(0.0, 1.0),
+):
+  """Mean and variance of the x_0 a sampler draws from x_T ~ N(0, 1) with the optimal ε, float64.
+
+  The sampler runs over the original timesteps ``steps`` (increasing; the respaced process has
+  ᾱ'_i = ᾱ_{steps[i]}), without clipping: 'ancestral' (Algorithm 2 with σ² = β̃' for
+  ``var='fixedsmall'`` or β' for 'fixedlarge') or 'ddim' (Eq. 12 with σ² = η² β̃'). With ε*
+  affine in x_t, x̂_0 and ε̂ are affine in x_t too, so each step is x -> A x + B + σ z.
+  ``start=(x_T, 0.0)`` instead maps given x_T (arrays elementwise) through η = 0 DDIM.
+  """
+  a_all = np.asarray(alphas_cumprod, np.float64)[np.asarray(steps)]
+  mean, variance = start
+  for i in reversed(range(len(a_all))):
+    a, a_prev = a_all[i], (a_all[i - 1] if i > 0 else 1.0)
+    p, q, c, e = _optimal_predictions(a)
+    beta = 1 - a / a_prev
+    beta_tilde = beta * (1 - a_prev) / (1 - a)
+    if sampler == 'ddim':
+      step_var = eta**2 * beta_tilde
+      k = math.sqrt(1 - a_prev - step_var)
+      slope, offset = math.sqrt(a_prev) * p + k * c, math.sqrt(a_prev) * q + k * e
+    else:
+      coef1, coef2 = (
+        beta * math.sqrt(a_prev) / (1 - a),
+        (1 - a_prev) * math.sqrt(1 - beta) / (1 - a),
+      )
+      slope, offset = coef1 * p + coef2, coef1 * q
+      step_var = beta_tilde if var == 'fixedsmall' else beta
+    mean, variance = slope * mean + offset, slope**2 * variance + (step_var if i > 0 else 0.0)
+  return mean, variance
+
+
+def ddim_encoder_map(alphas_cumprod: np.ndarray, steps) -> tuple[float, float]:
+  """The DDIM encoder x_0 -> x_T with the optimal ε as x_T = slope x_0 + offset, in float64.
+
+  Step i goes from ᾱ_{steps[i-1]} (1 at i = 0) to ᾱ_{steps[i]} with ε̂ of the model at the
+  target step but the current x: x_i = √ᾱ_i (x − √(1−ᾱ_{i−1}) ε̂) / √ᾱ_{i−1} + √(1−ᾱ_i) ε̂.
+  """
+  a_all = np.asarray(alphas_cumprod, np.float64)[np.asarray(steps)]
+  slope, offset = 1.0, 0.0
+  for i, a in enumerate(a_all):
+    a_prev = a_all[i - 1] if i > 0 else 1.0
+    _, _, c, e = _optimal_predictions(a)
+    r, k = math.sqrt(a / a_prev), math.sqrt(a / a_prev) * math.sqrt(1 - a_prev) - math.sqrt(1 - a)
+    step_slope, step_offset = r - k * c, -k * e  # r x - k (c x + e)
+    slope, offset = step_slope * slope, step_slope * offset + step_offset
+  return slope, offset

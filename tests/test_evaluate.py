@@ -88,6 +88,7 @@ def test_evaluate_checkpoint_writes_the_digits_report(checkpointed_run, mesh):
     'dataset': 'sklearn_digits',
     'step': 7,
     'metrics_kind': 'digits',
+    'sampler': {'method': 'ancestral', 'num_steps': None, 'eta': 0.0, 'clip_denoised': True},
     'num_samples': 20,
     'reference_split': 'train',
     'reference_count': 1497,

@@ -52,7 +52,7 @@ from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import rngs, train_state  # noqa: E402
+from diffusion_jax import errors, rngs, train_state, validation, workdir_config  # noqa: E402
 from diffusion_jax.convert_layouts import (  # noqa: E402, F401  (re-exported)
   ConversionError,
   Params,
@@ -107,6 +107,7 @@ def write_checkpoint(
     manager.wait_until_finished()
   finally:
     manager.close()
+  workdir_config.write(config, directory.parent)  # what --mode=sample and eval compare with
   return directory
 
 
@@ -120,6 +121,7 @@ def convert(
 ) -> int:
   """Converts ``checkpoint`` (and ``ema_checkpoint``) into ``<workdir>/checkpoints``; returns the
   step written."""
+  workdir_config.check_writable(workdir, create=False)
   _check_empty(workdir)
   if source == 'diffusers':
     params = diffusers_params(checkpoint, config)
@@ -171,13 +173,15 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file(
     'config', None, 'A config file in configs/ describing the U-Net.', lock_config=True
   )
+  errors.define_debug_flag()
   flags.mark_flags_as_required(['source', 'checkpoint', 'workdir', 'config'])
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
+    if len(argv) > 1:
+      raise ConversionError(f'unexpected arguments {argv[1:]}: settings are --flag=value.')
+    validation.validate(FLAGS.config, mode='sample')  # the config the checkpoint is sampled with
     convert(
       FLAGS.config,
       source=FLAGS.source,
@@ -185,10 +189,10 @@ def main(argv: Sequence[str]) -> None:
       workdir=FLAGS.workdir,
       ema_checkpoint=FLAGS.ema_checkpoint,
     )
-  except ConversionError as e:
-    raise SystemExit(f'error: {e}') from None
+  except errors.SetupError as e:
+    errors.exit_with(e)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -18,6 +18,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from diffusion_jax import torch_weights, train_state
+from diffusion_jax.errors import SetupError
 
 Path = tuple[str, ...]
 Params = dict[str, Any]
@@ -54,7 +55,7 @@ _DIFFUSERS_PARTS = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(SetupError):
   """Weights or files that do not fit the config's U-Net; the message lists every problem."""
 
 

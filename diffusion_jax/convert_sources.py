@@ -182,9 +182,21 @@ def read_diffusers(
   config_path = weights.parent / 'config.json'
   if not config_path.exists():
     raise ConversionError(f'No config.json beside {weights}: download it from the same repo.')
-  model_config = json.loads(config_path.read_text())
+  try:
+    model_config = json.loads(config_path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConversionError(
+      f'{config_path} is not JSON ({e}); download it again from the same repo.'
+    ) from None
+  if not isinstance(model_config, dict):
+    raise ConversionError(f'{config_path} is not a JSON object of UNet2DModel settings.')
   if weights.name.endswith('.safetensors'):
-    state_dict = safetensors.numpy.load(weights.read_bytes())  # any epath, gs:// too
+    try:
+      state_dict = safetensors.numpy.load(weights.read_bytes())  # any epath, gs:// too
+    except (safetensors.SafetensorError, ValueError) as e:
+      raise ConversionError(
+        f'{weights} is not a readable safetensors file ({e}); download it again from the same repo.'
+      ) from None
   elif weights.name.endswith('.bin'):
     try:
       state_dict = torch_weights.read_state_dict(

@@ -5,11 +5,21 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import evaluate, runtime, sampling, train  # noqa: E402
+from diffusion_jax import (  # noqa: E402
+  errors,
+  evaluate,
+  figures,
+  runtime,
+  sampling,
+  train,
+  validation,
+  workdir_config,
+)
 from diffusion_jax.errors import SetupError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -17,9 +27,10 @@ flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go (ma
 flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'sample', 'eval'],
+  ['train', 'sample', 'eval', 'figures'],
   "train: train or resume; sample: samples from the latest checkpoint's EMA params; eval: FID/IS "
-  '(or the digits metric) and bits/dim of the latest checkpoint.',
+  "(or the digits metric) and bits/dim of the latest checkpoint; figures: the paper's Figs. 5-8 "
+  'from it, into workdir/figures.',
 )
 flags.DEFINE_integer('num_samples', 64, 'With --mode=sample: how many samples to draw.')
 flags.DEFINE_bool(
@@ -31,6 +42,13 @@ flags.DEFINE_bool(
 flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes.')
 flags.DEFINE_integer('process_id', None, "With --distributed: this process's index.")
+flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  'Run although the config changes the model or the diffusion process of the run in --workdir '
+  '(its config.json), e.g. to sample a run with another number of diffusion steps on purpose.',
+)
+errors.define_debug_flag()
 jax.config.config_with_absl()  # --jax_platforms, --jax_compilation_cache_dir (may be gs://), ...
 config_flags.DEFINE_config_file(
   'config', None, 'A config file of configs/ (optionally file.py:variant).', lock_config=True
@@ -39,11 +57,13 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # the console shows the run; --verbosity=0/1: library logs too
+    logging.set_verbosity(logging.WARNING)
   tf.config.set_visible_devices([], 'GPU')  # TF only feeds data; keep accelerators for JAX.
   config = FLAGS.config
   try:
+    if len(argv) > 1:
+      raise SetupError(f'unexpected arguments {argv[1:]}: settings are --flag=value.')
     runtime.start(
       num_cpu_devices=config.num_cpu_devices,
       distributed=FLAGS.distributed,
@@ -51,16 +71,34 @@ def main(argv):
       num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
     )
+    check(config)
     if FLAGS.mode == 'train':
-      train.train_and_evaluate(config, FLAGS.workdir)
+      state = train.train_and_evaluate(config, FLAGS.workdir)
+      if int(state.step) < config.train.num_train_steps:  # preempted: saved, exit at once
+        runtime.exit_now(0)
+    elif FLAGS.mode == 'figures':
+      figures.make_figures(config, FLAGS.workdir)
     elif FLAGS.mode == 'sample':
       sampling.sample_from_checkpoint(config, FLAGS.workdir, num_samples=FLAGS.num_samples)
     else:
       config_name = config_flags.get_config_filename(FLAGS['config'])
       evaluate.evaluate_checkpoint(config, FLAGS.workdir, config_name=config_name)
   except SetupError as e:
-    raise SystemExit(f'error: {e}') from None
+    errors.exit_with(e)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Every check of the command line before a data set, model or checkpoint is touched: the
+  config, ``--num_samples``, the workdir and the config of the run it holds."""
+  validation.validate(config, mode=FLAGS.mode)
+  if FLAGS.mode == 'sample' and FLAGS.num_samples < 1:
+    raise SetupError(
+      f'--num_samples={FLAGS.num_samples} must be >= 1: it is how many samples --mode=sample '
+      'draws; pass e.g. --num_samples=64.'
+    )
+  workdir_config.check_writable(FLAGS.workdir, create=FLAGS.mode == 'train')
+  workdir_config.check(config, FLAGS.workdir, allow_change=FLAGS.allow_config_change)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -2,12 +2,15 @@
 where the user meant it to be (on the asked-for accelerator, with a workdir every host shares)."""
 
 import glob
+import os
 import signal
+import sys
 import threading
 import uuid
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -135,3 +138,14 @@ class Preemption:
   def restore(self) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def exit_now(status: int) -> None:
+  """Ends the process without the seconds TensorFlow's and XLA's teardown take (a preemption
+  notice gives ~30 s), after flushing the logs and leaving the other processes cleanly."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+  os._exit(status)

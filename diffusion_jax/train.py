@@ -19,6 +19,7 @@ from diffusion_jax import (
   train_state,
   train_step,
   validation,
+  workdir_config,
 )
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.errors import SetupError
@@ -90,7 +91,7 @@ def _train(
   if start_step == 0:
     writer.write_hparams(flatten_config(config))
     if jax.process_index() == 0:
-      (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+      workdir_config.write(config, workdir)
   parameter_overview.log_parameter_overview(state.params)
 
   k = config.train.steps_per_call

@@ -1,5 +1,6 @@
 """The data-parallel train step and the CLU/Orbax loop, on configs/digits.py:tiny."""
 
+import re
 import signal
 import time
 
@@ -167,9 +168,11 @@ def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
+  signalled = time.monotonic()
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   assert 'Preempted' in out
+  assert time.monotonic() - signalled < 30  # a preemption notice gives ~30 s (README: measured)
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert 0 < steps[-1] < 400
 
@@ -180,15 +183,29 @@ def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
   )
   assert f'Resumed from step {steps[-1]}' in out, out[-3000:]
   assert any(cache.iterdir())  # compiled programs were cached there
+  # The console: the run's own lines, and no INFO line of a library (Orbax, TFDS, TensorStore,
+  # absl); only TensorFlow's C++ start-up notice (port.cc) gets through.
+  for line in ('step ', 'checkpoint of step', 'samples of step', 'evaluation at step', 'Done:'):
+    assert line in out, (line, out[-3000:])
+  assert 'sampling 16 (chunks): 1/1' in out  # evaluation progress
+  library = [x for x in out.splitlines() if re.match(r'I\d{4} ', x) and 'port.cc' not in x]
+  assert not library, library[:5]
   assert '2 local / 2 global devices (cpu)' in out  # the digits config's num_cpu_devices
   grid = workdir / 'samples' / f'step_{steps[-1] + 2:08d}.png'
   assert grid.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   confident = logged_scalars(workdir, 'eval/digits_confident_fraction')
   assert list(confident) == [steps[-1] + 2] and 0 <= confident[steps[-1] + 2] <= 1
 
-  proc = run_main(*flags, '--mode=sample', '--num_samples=5', cwd=tmp_path)
+  proc = run_main(*flags, '--mode=sample', '--num_samples=5', '--verbosity=1', cwd=tmp_path)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
+  assert re.search(r'checkpoint_manager\.py:\d+\]', out)  # --verbosity=1: Orbax's logs are back
+  proc = run_main(*flags, '--mode=figures', cwd=tmp_path)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  for name in ('progressive', 'shared_latents', 'interpolation', 'ddim_interpolation'):
+    assert (workdir / 'figures' / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
+  assert (workdir / 'figures' / 'rate_distortion.csv').exists()
   with np.load(workdir / 'samples' / f'ema_step_{steps[-1] + 2:08d}_n5.npz') as f:
     assert f['images'].shape == (5, 8, 8, 1) and f['images'].dtype == np.uint8
     assert int(f['step']) == steps[-1] + 2 and f['images'].max() > 0

@@ -14,6 +14,7 @@ from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import huggingface_hub  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import safetensors.numpy  # noqa: E402
@@ -21,7 +22,7 @@ import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 from etils import epath  # noqa: E402
 
-from diffusion_jax import models, torch_weights  # noqa: E402
+from diffusion_jax import console, models, torch_weights  # noqa: E402
 from diffusion_jax.convert_layouts import (  # noqa: E402
   ConversionError,
   Params,
@@ -31,6 +32,8 @@ from diffusion_jax.convert_layouts import (  # noqa: E402
 )
 
 DIFFUSERS_WEIGHTS = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
+HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')  # owner/name, as the Hub spells a repo
+HUB_FILES = ['config.json', 'diffusion_pytorch_model.*', 'unet/config.json', 'unet/diffusion_*']
 
 # UNet2DModel's defaults: what diffusers assumes for a key that config.json leaves out.
 _DIFFUSERS_DEFAULTS = {
@@ -156,14 +159,39 @@ def check_diffusers_config(
     )
 
 
+def download_from_hub(repo_id: str) -> epath.Path:
+  """The local snapshot of a Hugging Face Hub repo (``google/ddpm-ema-cifar10-32``): its
+  ``config.json`` and weights, downloaded once and cached by ``huggingface_hub``."""
+  try:
+    folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES)
+  except (
+    huggingface_hub.errors.HfHubHTTPError,
+    huggingface_hub.errors.LocalEntryNotFoundError,
+    huggingface_hub.errors.OfflineModeIsEnabled,
+    OSError,
+    ValueError,
+  ) as e:
+    raise ConversionError(
+      f'{repo_id} is not a local path and could not be downloaded from the Hugging Face Hub '
+      f'({type(e).__name__}: {str(e).splitlines()[0][:200]}). Run the same command on a machine '
+      f'with internet (the download is cached), or download config.json and '
+      f'{DIFFUSERS_WEIGHTS[0]} of https://huggingface.co/{repo_id} into a folder and pass it.'
+    ) from None
+  console.say('%s: %s', repo_id, folder)
+  return epath.Path(folder)
+
+
 def find_diffusers_weights(path: epath.PathLike) -> epath.Path:
   """The weights file at ``path``, or in the folder ``path`` (or its ``unet/``), safetensors
   first."""
+  if not epath.Path(path).exists() and HUB_ID.fullmatch(str(path)):
+    path = download_from_hub(str(path))
   path = epath.Path(path)
   if not path.is_dir():
     if not path.exists():
       raise ConversionError(
-        f'{path} does not exist; pass a google/ddpm-* folder or its weights file.'
+        f'{path} does not exist; pass a google/ddpm-* folder, its weights file, or a Hugging '
+        'Face Hub id such as google/ddpm-ema-cifar10-32.'
       )
     return path
   for candidate in (

@@ -11,6 +11,7 @@ variables) Adam slots.
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -633,3 +634,48 @@ def test_command_line(small, tmp_path):
   params = convert.params_from_diffusers(small['diffusers_a'], small['config'])
   chex.assert_trees_all_equal(state.params, params)
   chex.assert_trees_all_equal(state.ema_params, params)
+
+
+def convert_cli(checkpoint: str, workdir, env: dict[str, str]) -> subprocess.CompletedProcess:
+  """``python -m diffusion_jax.convert`` of the small config, as test_command_line runs it."""
+  return subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'diffusion_jax.convert',
+      '--source=diffusers',
+      f'--checkpoint={checkpoint}',
+      f'--config={ROOT / "configs" / "cifar10.py"}',
+      '--config.dataset.image_size=16',
+      '--config.model.ch=32',
+      '--config.model.ch_mult=(1,2)',
+      '--config.model.num_res_blocks=1',
+      '--config.model.attn_resolutions=(8,)',
+      f'--workdir={workdir}',
+    ],
+    cwd=ROOT,
+    env={**os.environ, **env},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_a_hub_id_converts_from_the_hub_cache_and_offline_names_the_id(small, tmp_path):
+  """``--checkpoint=owner/name`` goes through huggingface_hub (cached); offline, a clear error."""
+  cache = tmp_path / 'hub'
+  snapshot = cache / 'models--google--ddpm-tiny' / 'snapshots' / ('0' * 40)
+  shutil.copytree(small['folder_a'], snapshot)
+  (cache / 'models--google--ddpm-tiny' / 'refs').mkdir()
+  (cache / 'models--google--ddpm-tiny' / 'refs' / 'main').write_text('0' * 40)
+  offline = {'HF_HUB_CACHE': str(cache), 'HF_HUB_OFFLINE': '1'}
+  run = convert_cli('google/ddpm-tiny', tmp_path / 'run', offline)
+  assert run.returncode == 0, run.stderr[-3000:]
+  state, _ = _restore(small['config'], tmp_path / 'run')
+  params = convert.params_from_diffusers(small['diffusers_a'], small['config'])
+  chex.assert_trees_all_equal(state.params, params)
+
+  run = convert_cli('google/ddpm-ema-cifar10-32', tmp_path / 'other', offline)
+  assert run.returncode == 2 and 'Traceback' not in run.stderr
+  assert 'google/ddpm-ema-cifar10-32 is not a local path and could not be downloaded' in run.stderr
+  assert not (tmp_path / 'other' / 'checkpoints').exists()

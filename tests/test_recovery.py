@@ -11,6 +11,8 @@ import pytest
 from diffusion_jax import parallel, sampling, train, train_state
 from diffusion_jax.errors import SetupError
 
+from conftest import run_main, tiny_flags
+
 
 def steps_in(workdir) -> list[int]:
   return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
@@ -85,3 +87,13 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_config, tmp_path):
   assert steps_in(tmp_path) == [1]  # nothing renamed or lost
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['model']['ch'] == 32
+
+
+@pytest.mark.slow
+def test_a_diverging_run_through_the_cli_is_one_clear_error(data_dir, tmp_path):
+  flags = tiny_flags(data_dir, tmp_path / 'run', 8)
+  proc = run_main(*flags, '--config.optim.learning_rate=1e6', '--config.optim.grad_clip=0')
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 2, out[-3000:]
+  assert 'error: Training diverged: the loss or the gradients are not finite from step' in out
+  assert 'Traceback' not in out and 'Lower --config.optim.learning_rate' in out

@@ -44,6 +44,7 @@ def cli_flags(data_dir: str, workdir) -> list[str]:
     '--config.train.keep_checkpoints=3',
     f'--config.train.sample_every_steps={NUM_STEPS}',
     '--config.eval.every_steps=0',
+    '--verbosity=0',  # Orbax's INFO lines ('Saving checkpoint at step N') time the kills
   ]
 
 

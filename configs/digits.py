@@ -17,7 +17,6 @@ def get_config(variant: str | None = None):
   if variant not in (None, 'tiny'):
     raise ValueError(f'Unknown digits config variant {variant!r}; use configs/digits.py or :tiny.')
   config = config_defaults.get_config()
-  config.num_cpu_devices = 2  # 1.5x the steps/s of JAX's one CPU device (BENCHMARKS.md)
   config.dataset.name = 'sklearn_digits'
   config.dataset.image_size = 8
   config.dataset.num_channels = 1
@@ -40,6 +39,7 @@ def get_config(variant: str | None = None):
   config.optim.ema_decay = 0.995
 
   config.train.batch_size = 64
+  config.train.steps_per_call = 1  # a CPU config: XLA:CPU unrolls the steps of a call
   config.train.num_train_steps = 3000
   config.train.log_every_steps = 100
   config.train.checkpoint_every_steps = 1000

@@ -12,9 +12,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # On a CPU-only host: split it into this many JAX devices (data parallel; e.g. one per core).
+  # On a CPU-only host: split it into this many JAX devices (data parallel). One per core is the
+  # fastest measured (2 on a 2-core machine: 1.17x the CIFAR10 step of one device, BENCHMARKS.md).
   # None keeps JAX's default of one. Applied by main.py before JAX starts; ignored on TPU/GPU.
-  config.num_cpu_devices = ml_collections.config_dict.placeholder(int)
+  config.num_cpu_devices = ml_collections.FieldReference(2, field_type=int)
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'cifar10'  # a TFDS name, e.g. 'lsun/bedroom', 'celeb_a_hq/256'
@@ -39,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.1
   config.model.resamp_with_conv = True
   config.model.dtype = 'float32'  # 'bfloat16' on TPU: bf16 compute, f32 params
+  # Recompute each ResNet/attention block in the backward pass: less activation memory, ~1/3 more
+  # compute; same parameters and outputs. Fits the 256x256 model into a TPU core (BENCHMARKS.md).
+  config.model.remat = False
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.beta_schedule = 'linear'
@@ -71,7 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global, over all devices of all hosts
   config.train.num_train_steps = 800_000
-  config.train.steps_per_call = 1  # >1: several steps per host call (lax.scan)
+  # Optimizer steps per host call (a lax.scan; unrolled on XLA:CPU, so 1 there): the periods
+  # below must be multiples of it. 10 keeps the host's share of a TPU step small (BENCHMARKS.md).
+  config.train.steps_per_call = 10
   config.train.log_every_steps = 100
   config.train.checkpoint_every_steps = 10_000
   config.train.keep_checkpoints = 3

@@ -1,6 +1,7 @@
 """The train loop's periodic actions: metric logs, sample grids and evaluation, each with its one
 console line; CLU's ``PeriodicCallback`` calls them after every optimizer step."""
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,9 +11,17 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import console, evaluate, rngs, sampling, train_state, train_step
+from diffusion_jax import console, evaluate, hardware, rngs, sampling, train_state, train_step
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.train_state import TrainState
+
+
+@dataclasses.dataclass
+class Running:
+  """The train metrics since the last log, on device: the loop passes them to each step call
+  (``train_step``'s ``running``), which returns them merged with its own."""
+
+  metrics: train_step.TrainMetrics
 
 
 def make_hooks(
@@ -25,26 +34,26 @@ def make_hooks(
   writer: metric_writers.MetricWriter,
   report_progress: periodic_actions.ReportProgress,
   start_step: int,
-) -> tuple[list[periodic_actions.PeriodicCallback], list[train_step.TrainMetrics]]:
+  flops_per_step: float,
+) -> tuple[list[periodic_actions.PeriodicCallback], Running]:
   """The loop's periodic callbacks (metrics, sample grids, evaluation; timed by
-  ``report_progress``), called after every optimizer step with the state, and the list the loop
-  appends each call's metrics to."""
+  ``report_progress``), called after every optimizer step with the state, and the running
+  metrics the loop feeds through the step. The metric log adds the achieved FLOP rate of
+  ``flops_per_step`` (XLA's count) and, where the device kind's peak is known, ``train/mfu``."""
   num_steps = config.train.num_train_steps
-  collected: list[train_step.TrainMetrics] = []
+  running = Running(train_step.empty_metrics(mesh))
 
   last_log = {'step': start_step, 'time': time.monotonic()}
 
   def write_metrics(step: int, t: float, state: TrainState) -> None:
     del state
-    merged = collected[0]
-    for more in collected[1:]:
-      merged = merged.merge(more)
-    collected.clear()
-    values = merged.compute()
+    values = running.metrics.compute()
+    running.metrics = train_step.empty_metrics(mesh)
     del values['first_nonfinite_step']  # checked by the loop, at every boundary
-    writer.write_scalars(step, {f'train/{k}': v for k, v in values.items()})
     rate = (step - last_log['step']) / max(t - last_log['time'], 1e-9)
     last_log.update(step=step, time=t)
+    scalars = {f'train/{k}': v for k, v in values.items()}
+    writer.write_scalars(step, scalars | hardware.throughput_metrics(flops_per_step, 1 / rate))
     console.say(
       'step %d/%d  loss %.4f  %.1f steps/s  ETA %s',
       step,
@@ -102,7 +111,7 @@ def make_hooks(
         every_steps=config.eval.every_steps, callback_fn=_timed(report_progress, 'eval', run_eval)
       )
     )
-  return hooks, collected
+  return hooks, running
 
 
 def _timed(report_progress: periodic_actions.ReportProgress, name: str, fn: Callable) -> Callable:

@@ -29,6 +29,9 @@ Attention blocks follow every block whose output resolution is in attn_resolutio
 ``down_{i}_downsample`` exists for i < len(ch_mult) - 1 and ``up_{i}_upsample`` for i > 0, and
 neither has parameters (nor appears) without resamp_with_conv. Parameters are always float32;
 ``dtype`` (a dtype or its name, e.g. 'bfloat16') is the compute dtype, and the output is float32.
+``remat=True`` rematerializes every ResnetBlock and AttnBlock (``nn.remat``): the backward pass
+recomputes their insides from their inputs, trading one more forward pass for activation memory;
+parameters and outputs are those of ``remat=False``.
 """
 
 import functools
@@ -189,6 +192,7 @@ class UNet(nn.Module):
   dropout: float = 0.0
   resamp_with_conv: bool = True
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def _check(self, x: jax.Array, t: jax.Array) -> None:
     """Raises ValueError, saying what to change, for hyperparameters or inputs the network
@@ -228,7 +232,11 @@ class UNet(nn.Module):
     self._check(x, t)
     dtype = compute_dtype(self.dtype)
     num_levels = len(self.ch_mult)
-    block = functools.partial(ResnetBlock, dropout=self.dropout, dtype=dtype)
+    resnet_block, attn_block = ResnetBlock, AttnBlock
+    if self.remat:  # keep only each block's inputs for the backward pass; same names and params
+      resnet_block = nn.remat(ResnetBlock, static_argnums=(3,))  # (self, x, temb, train)
+      attn_block = nn.remat(AttnBlock)
+    block = functools.partial(resnet_block, dropout=self.dropout, dtype=dtype)
 
     temb = get_timestep_embedding(t, self.ch)
     temb = _dense(4 * self.ch, dtype, 'temb_dense0')(temb)
@@ -239,14 +247,14 @@ class UNet(nn.Module):
       for j in range(self.num_res_blocks):
         h = block(self.ch * mult, name=f'down_{i}_block_{j}')(hs[-1], temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(dtype, name=f'down_{i}_attn_{j}')(h)
+          h = attn_block(dtype, name=f'down_{i}_attn_{j}')(h)
         hs.append(h)
       if i != num_levels - 1:
         hs.append(Downsample(self.resamp_with_conv, dtype, name=f'down_{i}_downsample')(hs[-1]))
 
     h = hs[-1]
     h = block(h.shape[-1], name='mid_block_1')(h, temb, train)
-    h = AttnBlock(dtype, name='mid_attn_1')(h)
+    h = attn_block(dtype, name='mid_attn_1')(h)
     h = block(h.shape[-1], name='mid_block_2')(h, temb, train)
 
     for i in reversed(range(num_levels)):
@@ -255,7 +263,7 @@ class UNet(nn.Module):
           jnp.concatenate([h, hs.pop()], axis=-1), temb, train
         )
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(dtype, name=f'up_{i}_attn_{j}')(h)
+          h = attn_block(dtype, name=f'up_{i}_attn_{j}')(h)
       if i != 0:
         h = Upsample(self.resamp_with_conv, dtype, name=f'up_{i}_upsample')(h)
 

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import (
   console,
+  hardware,
   hooks,
   input_pipeline,
   parallel,
@@ -107,33 +108,35 @@ def _train(
   report_progress = periodic_actions.ReportProgress(
     num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every_steps
   )
-  periodic, collected = hooks.make_hooks(
-    config, workdir, builder, factory, diffusion, mesh, writer, report_progress, start_step
+  batch_shape = (k, config.train.batch_size, *factory.image_shape)
+  abstract_batch = jax.ShapeDtypeStruct(
+    batch_shape, 'float32', sharding=parallel.steps_sharding(mesh)
+  )
+  flops = hardware.step_flops(step_fn, factory.abstract(mesh), abstract_batch, mesh=mesh) / k
+  periodic, running = hooks.make_hooks(
+    config, workdir, builder, factory, diffusion, mesh, writer, report_progress, start_step, flops
   )
   periods = [config.train.log_every_steps, config.train.sample_every_steps, config.eval.every_steps]
   preemption = runtime.Preemption()
-  health = train_step.FirstNonFinite.empty()
   step = start_step
   try:
     with metric_writers.ensure_flushes(writer):
       while step < num_steps:
         batch = parallel.shard_steps(mesh, next(train_iter)['image'])
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, step_metrics = step_fn(state, batch)
-        collected.append(step_metrics)
-        health = health.merge(step_metrics.first_nonfinite_step)  # on device: no sync
+          state, running.metrics = step_fn(state, batch, running.metrics)  # all on device
         step += k
         last = step == num_steps
         if last or manager.should_save(step) or any(p and step % p == 0 for p in periods):
-          _check_finite(health, manager)  # before anything is saved or written
-        saved = train_state.save(manager, state, force=last)
+          _check_finite(running.metrics, manager)  # before anything is saved or written
+        saved = train_state.save(manager, state, step=step, force=last)
         if saved:
           console.say('checkpoint of step %d: %s', step, manager.directory / str(step))
         if preemption.should_stop():  # before the hooks: a preemption notice gives ~30 s
           console.say('Preempted (SIGTERM) at step %d: saving and exiting.', step)
           if not saved:
-            _check_finite(health, manager)
-            train_state.save(manager, state, force=True)
+            _check_finite(running.metrics, manager)
+            train_state.save(manager, state, step=step, force=True)
           break
         for hook_step in range(step - k + 1, step + 1):  # hooks see every optimizer step
           report_progress(hook_step)
@@ -154,9 +157,12 @@ def _summary(workdir: epath.Path, manager: ocp.CheckpointManager, step: int) -> 
   console.say('  TensorBoard:   tensorboard --logdir %s', workdir)
 
 
-def _check_finite(health: train_step.FirstNonFinite, manager: ocp.CheckpointManager) -> None:
-  """A NonFiniteError naming the first non-finite step, if any (reads one scalar)."""
-  first = int(health.compute())
+def _check_finite(running: train_step.TrainMetrics, manager: ocp.CheckpointManager) -> None:
+  """A NonFiniteError naming the first non-finite step, if any (reads one scalar).
+
+  ``running`` holds the steps since the last log; every log is a boundary checked before the
+  metrics are reset, so the earlier steps were all checked."""
+  first = int(running.first_nonfinite_step.compute())
   if first != train_step.NO_STEP:
     raise NonFiniteError(
       f'Training diverged: the loss or the gradients are not finite from step {first} on. '

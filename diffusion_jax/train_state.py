@@ -158,9 +158,17 @@ def checkpoint_manager(
   return ocp.CheckpointManager(resolve_workdir(workdir) / 'checkpoints', options=options)
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, *, force: bool = False) -> bool:
-  """Saves ``state`` at its step if the manager's interval says so (or ``force``)."""
-  return manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+def save(
+  manager: ocp.CheckpointManager,
+  state: TrainState,
+  *,
+  step: int | None = None,
+  force: bool = False,
+) -> bool:
+  """Saves ``state`` at its step if the manager's interval says so (or ``force``). A loop passes
+  the ``step`` it counts: reading ``state.step`` would wait for the device on every call."""
+  step = int(state.step) if step is None else step
+  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
 def remove_stale_temporaries(workdir: epath.PathLike) -> None:

@@ -25,7 +25,7 @@ from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import models, parallel, train_state
 from diffusion_jax.train_state import TrainState
 
-StepFn = Callable[[TrainState, jax.Array], tuple[TrainState, 'TrainMetrics']]
+StepFn = Callable[..., tuple[TrainState, 'TrainMetrics']]
 
 
 NO_STEP = np.iinfo(np.int32).max
@@ -72,13 +72,17 @@ def make_train_step(
   diffusion: diffusion_lib.GaussianDiffusion,
   mesh: Mesh,
 ) -> StepFn:
-  """The jitted ``step(state, images) -> (state, metrics)`` over ``mesh``.
+  """The jitted ``step(state, images[, running]) -> (state, metrics)`` over ``mesh``.
 
   ``images`` is the global batch [steps_per_call, B, H, W, C] sharded on B; the state is donated.
-  Several optimizer steps per call run in a ``lax.scan``. Gradients are clipped to
-  ``optim_config.grad_clip`` per device before the average or globally after it.
+  Several optimizer steps per call run in a ``lax.scan`` that also merges their metrics, so the
+  call returns one ``TrainMetrics`` of device arrays. Given ``running`` metrics (e.g. from
+  ``empty_metrics``; donated), the call returns them merged with its own, still on device: a loop
+  that passes each call's result to the next reads nothing back until it logs. Gradients are
+  clipped to ``optim_config.grad_clip`` per device before the average or globally after it.
   """
   num_timesteps = diffusion.num_timesteps
+  cpu = mesh.devices.flat[0].platform == 'cpu'
   schedule = train_state.learning_rate_schedule(optim_config)
   clip_norm, clip_mode = optim_config.grad_clip, optim_config.grad_clip_mode
 
@@ -124,10 +128,18 @@ def make_train_step(
     return state.apply_gradients(grads), outputs
 
   def per_device(state: TrainState, images: jax.Array):
-    if images.shape[0] == 1:  # no scan: XLA:CPU runs a scan around the backward pass ~20x slower
+    """The call's optimizer steps on this device's share, their metrics merged on device."""
+    if images.shape[0] == 1:
       state, outputs = one_step(state, images[0])
-      return state, jax.tree.map(lambda x: x[None], outputs)
-    return jax.lax.scan(one_step, state, images)
+      return state, TrainMetrics.single_from_model_output(**outputs)
+
+    def scanned(carry, images):
+      state, collection = carry
+      state, outputs = one_step(state, images)
+      return (state, collection.merge(TrainMetrics.single_from_model_output(**outputs))), None
+
+    # XLA:CPU runs the step ~16x slower inside a loop (BENCHMARKS.md): unrolled there.
+    return jax.lax.scan(scanned, (state, TrainMetrics.empty()), images, unroll=cpu)[0]
 
   sharded = jax.shard_map(
     per_device,
@@ -136,17 +148,14 @@ def make_train_step(
     out_specs=(P(), P()),
   )
 
-  def step(state, images):
-    state, outputs = sharded(state, images)
-    collection = TrainMetrics.empty()
-    for i in range(images.shape[0]):
-      output = jax.tree.map(lambda x, i=i: x[i], outputs)
-      collection = collection.merge(TrainMetrics.single_from_model_output(**output))
-    return state, collection
+  def step(state: TrainState, images: jax.Array, running: TrainMetrics | None = None):
+    state, collection = sharded(state, images)
+    return state, collection if running is None else running.merge(collection)
 
-  return jax.jit(
-    step,
-    in_shardings=(parallel.replicated(mesh), parallel.steps_sharding(mesh)),
-    out_shardings=parallel.replicated(mesh),
-    donate_argnums=0,
-  )
+  return jax.jit(step, out_shardings=parallel.replicated(mesh), donate_argnums=(0, 2))
+
+
+def empty_metrics(mesh: Mesh) -> TrainMetrics:
+  """Empty train metrics on ``mesh`` (replicated): the start of a run of ``step(state, images,
+  running)`` calls, which merge each call's metrics into ``running`` inside the step."""
+  return jax.jit(TrainMetrics.empty, out_shardings=parallel.replicated(mesh))()

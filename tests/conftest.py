@@ -16,6 +16,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_cache_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -78,3 +79,33 @@ def tiny_flags(data_dir: str, workdir, num_steps: int) -> list[str]:
     f'--config.train.sample_every_steps={num_steps}',
     f'--config.eval.every_steps={num_steps}',
   ]
+
+
+def fixed_batch(config, steps_per_call: int) -> np.ndarray:
+  """The first train batch of ``config``, repeated as ``steps_per_call`` steps [k, B, ...]."""
+  from diffusion_jax import input_pipeline
+
+  builder = input_pipeline.get_builder(config.dataset)
+  iterator = input_pipeline.create_train_iterator(
+    builder,
+    config.dataset,
+    batch_size=config.train.batch_size,
+    steps_per_call=1,
+    seed=config.seed,
+    process_index=0,
+    process_count=1,
+  )
+  images = next(iterator)['image']
+  return np.broadcast_to(images, (steps_per_call, *images.shape[1:])).copy()
+
+
+def setup(config, devices=None):
+  """(mesh, initial state, jitted step) of ``config`` on ``devices`` (default: all)."""
+  from diffusion_jax import diffusion as diffusion_lib
+  from diffusion_jax import parallel, train_state, train_step
+
+  mesh = parallel.make_mesh(devices)
+  factory = train_state.StateFactory.from_config(config)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
+  return mesh, factory.create(mesh), step

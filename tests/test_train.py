@@ -10,36 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, parallel, sampling, train, train_state, train_step
+from diffusion_jax import hardware, parallel, sampling, train
 from diffusion_jax.errors import SetupError
 
-from conftest import run_main, tiny_flags
-
-
-def fixed_batch(config, steps_per_call: int) -> np.ndarray:
-  """The first train batch of ``config``, repeated as ``steps_per_call`` steps [k, B, ...]."""
-  builder = input_pipeline.get_builder(config.dataset)
-  iterator = input_pipeline.create_train_iterator(
-    builder,
-    config.dataset,
-    batch_size=config.train.batch_size,
-    steps_per_call=1,
-    seed=config.seed,
-    process_index=0,
-    process_count=1,
-  )
-  images = next(iterator)['image']
-  return np.broadcast_to(images, (steps_per_call, *images.shape[1:])).copy()
-
-
-def setup(config, devices):
-  """(mesh, initial state, jitted step) of ``config`` on ``devices``."""
-  mesh = parallel.make_mesh(devices)
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
-  return mesh, factory.create(mesh), step
+from conftest import fixed_batch, run_main, setup, tiny_flags
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tiny_config):
@@ -52,24 +26,6 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tiny_config):
   assert int(state.step) == 50
   assert losses[-1] < 0.7 * losses[0], losses
   assert np.isfinite(losses).all()
-
-
-def test_k_steps_per_call_equal_k_calls(tiny_config):
-  images = fixed_batch(tiny_config, 3)
-  mesh, state, step = setup(tiny_config, jax.devices())
-  scanned, scanned_metrics = step(state, parallel.shard_steps(mesh, images))
-  _, state, step = setup(tiny_config, jax.devices())
-  metrics = []
-  for k in range(3):
-    state, m = step(state, parallel.shard_steps(mesh, images[k : k + 1]))
-    metrics.append(m)
-  merged = metrics[0].merge(metrics[1]).merge(metrics[2])
-  assert int(scanned.step) == int(state.step) == 3
-  trees = [jax.device_get((s.params, s.ema_params, s.opt_state)) for s in (scanned, state)]
-  # XLA fuses the scanned steps differently: float32 reordering, magnified by Adam's 1/√v on the
-  # near-zero-initialized layers (see the sharded-step test below).
-  chex.assert_trees_all_close(*trees, rtol=1e-4, atol=6e-5)
-  chex.assert_trees_all_close(scanned_metrics.compute(), merged.compute(), rtol=1e-5)
 
 
 def test_sharded_step_equals_single_device_step(tiny_config):
@@ -222,3 +178,14 @@ def test_cli_errors_are_clear(tmp_path):
   assert proc.returncode != 0
   assert 'Traceback' not in out
   assert 'download_and_prepare()' in out and str(tmp_path / 'tfds') in out
+
+
+def test_mfu_is_logged_where_the_device_peak_is_known(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.setitem(hardware.PEAK_FLOPS_PER_CHIP, jax.devices()[0].device_kind, (1e12, 1))
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  rate = logged_scalars(tmp_path, 'train/flops_per_second')
+  mfu = logged_scalars(tmp_path, 'train/mfu')
+  assert sorted(mfu) == sorted(rate) == sorted(logged_scalars(tmp_path)) != []
+  for step, value in mfu.items():
+    assert value == pytest.approx(rate[step] / (1e12 * jax.device_count()))
+    assert 0 < value < 1

@@ -35,14 +35,14 @@ def child(name: str) -> dict:
   import jax.numpy as jnp
 
   from diffusion_jax import diffusion as diffusion_lib
-  from diffusion_jax import parallel, sampling, train_state, train_step
+  from diffusion_jax import parallel, runtime, sampling, train_state, train_step
 
   mesh = parallel.make_mesh()
   factory = train_state.StateFactory.from_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   state = factory.abstract(mesh)
   images = jax.ShapeDtypeStruct(
-    (config.train.steps_per_call, config.train.batch_size, *factory.image_shape),
+    (runtime.steps_per_call(config.train), config.train.batch_size, *factory.image_shape),
     jnp.float32,
     sharding=parallel.steps_sharding(mesh),
   )

@@ -15,6 +15,7 @@ per second after a warm-up (the shuffle buffer filled). The v3-8 need is the pap
 """
 
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -120,8 +121,8 @@ def measure(config_name: str, data_dir: str, seconds: float) -> dict:
   while time.perf_counter() - start < seconds:
     count += next(iterator)['image'].shape[1]
   elapsed = time.perf_counter() - start
-  files = builder.data_dir
-  size = sum(f.stat().st_size for f in files.iterdir() if '.tfrecord' in f.name)
+  files = pathlib.Path(builder.data_dir).iterdir()
+  size = sum(f.stat().st_size for f in files if '.tfrecord' in f.name)
   return dict(
     images_per_second=count / elapsed,
     batch=batch,

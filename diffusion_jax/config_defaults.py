@@ -75,9 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global, over all devices of all hosts
   config.train.num_train_steps = 800_000
-  # Optimizer steps per host call (a lax.scan; unrolled on XLA:CPU, so 1 there): the periods
-  # below must be multiples of it. 10 keeps the host's share of a TPU step small (BENCHMARKS.md).
-  config.train.steps_per_call = 10
+  # Optimizer steps per host call (a lax.scan; unrolled on XLA:CPU); the periods below must be
+  # multiples of it. None: 10 on TPU/GPU (less host work per step, BENCHMARKS.md), 1 on a CPU.
+  config.train.steps_per_call = ml_collections.config_dict.placeholder(int)
   config.train.log_every_steps = 100
   config.train.checkpoint_every_steps = 10_000
   config.train.keep_checkpoints = 3

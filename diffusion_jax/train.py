@@ -95,7 +95,7 @@ def _train(
       workdir_config.write(config, workdir)
   parameter_overview.log_parameter_overview(state.params)
 
-  k = config.train.steps_per_call
+  k = runtime.steps_per_call(config.train)
   step_fn = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
   train_iter = input_pipeline.create_train_iterator(
     builder,

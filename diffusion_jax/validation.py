@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import naming
 
-from diffusion_jax import config_defaults, fid, models
+from diffusion_jax import config_defaults, fid, models, runtime
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.datasets import sklearn_digits  # importing registers the project's builders
 from diffusion_jax.errors import SetupError
@@ -51,7 +51,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool], bool]] = {
 # Numeric fields: (field, rule, what it is).
 _RANGES = (
   ('train.num_train_steps', 'count', 'how many optimizer steps the run trains'),
-  ('train.steps_per_call', 'count', 'the optimizer steps per host call'),
+  ('train.steps_per_call', 'optional count', 'the optimizer steps per host call (None: auto)'),
   ('train.log_every_steps', 'count', 'the period of metric logs'),
   ('train.checkpoint_every_steps', 'count', 'the period of checkpoint saves'),
   ('train.sample_every_steps', 'count', 'the period of sample grids'),
@@ -131,7 +131,7 @@ def check_eval(config: ml_collections.ConfigDict) -> None:
 def train_problems(config: ml_collections.ConfigDict) -> Problems:
   """Steps per call against the periods, the batch against the devices, the clipping mode."""
   problems = _range_problems(config, ('train.steps_per_call',))
-  k = config.train.steps_per_call
+  k = runtime.steps_per_call(config.train)
   periods = ('num_train_steps', 'checkpoint_every_steps', 'log_every_steps', 'sample_every_steps')
   for name in [f'train.{p}' for p in periods] + ['eval.every_steps']:
     value = _get(config, name)

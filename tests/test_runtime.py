@@ -2,13 +2,16 @@
 
 import subprocess
 import sys
+import types
 
+import jax
+import ml_collections
 import pytest
 
 from diffusion_jax import runtime
 from diffusion_jax.errors import SetupError
 
-from conftest import REPO, cli_env, tiny_flags
+from conftest import REPO, cli_env, load_config, tiny_flags
 
 
 def test_a_tpu_vm_running_on_its_cpu_is_refused(tmp_path, monkeypatch):
@@ -43,3 +46,14 @@ def test_an_asked_for_tpu_that_does_not_start_is_a_clear_error(data_dir, tmp_pat
   assert "JAX could not start the platform asked for (jax_platforms='tpu')" in out, out[-3000:]
   assert 'launch/tpu.sh stop' in out
   assert not (tmp_path / 'run').exists()  # refused before anything was written
+
+
+def test_steps_per_call_defaults_to_one_on_a_cpu_and_ten_elsewhere(monkeypatch):
+  train = ml_collections.ConfigDict({'steps_per_call': 3})
+  assert runtime.steps_per_call(train) == 3
+  train = load_config('cifar10.py').train
+  assert train.steps_per_call is None
+  assert runtime.steps_per_call(train) == 1  # this CPU
+  tpu = types.SimpleNamespace(platform='tpu')
+  monkeypatch.setattr(jax, 'devices', lambda *a: [tpu])
+  assert runtime.steps_per_call(train) == 10

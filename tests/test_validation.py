@@ -37,7 +37,7 @@ def test_every_config_file_is_valid(name):
   'field, value, bound',
   [
     ('train.num_train_steps', 0, 'an integer >= 1'),
-    ('train.steps_per_call', 0, 'an integer >= 1'),
+    ('train.steps_per_call', 0, 'None or an integer >= 1'),
     ('train.log_every_steps', 0, 'an integer >= 1'),
     ('train.checkpoint_every_steps', 0, 'an integer >= 1'),
     ('train.sample_every_steps', -1, 'an integer >= 1'),

@@ -56,6 +56,7 @@ def get_config(variant: str | None = None):
   if variant == 'tiny':
     config.model.update(ch_mult=(1,), attn_resolutions=())
     config.diffusion.num_diffusion_timesteps = 20
+    config.sample.num_steps = None  # all 20
     config.optim.warmup_steps = 1
     config.train.update(
       batch_size=16,

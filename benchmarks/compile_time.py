@@ -41,10 +41,8 @@ def child(name: str) -> dict:
   factory = train_state.StateFactory.from_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   state = factory.abstract(mesh)
-  images = jax.ShapeDtypeStruct(
-    (runtime.steps_per_call(config.train), config.train.batch_size, *factory.image_shape),
-    jnp.float32,
-    sharding=parallel.steps_sharding(mesh),
+  images = factory.abstract_batch(
+    mesh, config.train.batch_size, runtime.steps_per_call(config.train)
   )
   step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
   sample = sampling.make_sample_fn(

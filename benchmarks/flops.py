@@ -45,9 +45,7 @@ def step_flops(config_file: str, batch: int) -> tuple[float, float]:
   mesh = parallel.make_mesh(jax.devices()[:1])
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
-  images = jax.ShapeDtypeStruct(
-    (1, batch, *factory.image_shape), jnp.float32, sharding=parallel.steps_sharding(mesh)
-  )
+  images = factory.abstract_batch(mesh, batch)
   train_flops = hardware.step_flops(step, factory.abstract(mesh), images, mesh=mesh)
   x = jax.ShapeDtypeStruct((1, *factory.image_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)

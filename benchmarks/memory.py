@@ -70,9 +70,7 @@ def analyse(name: str, batch: int, dtype: str, remat: bool, compile_cpu: bool) -
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   mesh = parallel.make_mesh(jax.devices()[:1])
   state = factory.abstract(mesh)
-  images = jax.ShapeDtypeStruct(
-    (1, batch, *factory.image_shape), jnp.float32, sharding=parallel.steps_sharding(mesh)
-  )
+  images = factory.abstract_batch(mesh, batch)
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
   def loss(params, x):

@@ -108,10 +108,7 @@ def _train(
   report_progress = periodic_actions.ReportProgress(
     num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every_steps
   )
-  batch_shape = (k, config.train.batch_size, *factory.image_shape)
-  abstract_batch = jax.ShapeDtypeStruct(
-    batch_shape, 'float32', sharding=parallel.steps_sharding(mesh)
-  )
+  abstract_batch = factory.abstract_batch(mesh, config.train.batch_size, k)
   flops = hardware.step_flops(step_fn, factory.abstract(mesh), abstract_batch, mesh=mesh) / k
   periodic, running = hooks.make_hooks(
     config, workdir, builder, factory, diffusion, mesh, writer, report_progress, start_step, flops

@@ -127,6 +127,14 @@ class StateFactory:
       jax.eval_shape(self.initial),
     )
 
+  def abstract_batch(
+    self, mesh: Mesh, batch_size: int, steps_per_call: int = 1
+  ) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and sharding of the train step's images [steps_per_call, batch_size, ...],
+    for lowering the step without data (FLOP counts, compile and memory analysis)."""
+    shape = (steps_per_call, batch_size, *self.image_shape)
+    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=parallel.steps_sharding(mesh))
+
 
 # ----------------------------------------------------------------------------- checkpoints
 

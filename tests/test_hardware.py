@@ -31,9 +31,7 @@ def abstract_step(config, devices, batch: int):
   factory = train_state.StateFactory.from_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
-  images = jax.ShapeDtypeStruct(
-    (1, batch, *factory.image_shape), jnp.float32, sharding=parallel.steps_sharding(mesh)
-  )
+  images = factory.abstract_batch(mesh, batch)
   return step, (factory.abstract(mesh), images), mesh, factory
 
 

@@ -54,7 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = parallel.make_mesh()
   factory = train_state.StateFactory.from_config(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  train_state.remove_stale_temporaries(workdir)
+  train_state.remove_stale_temporaries(workdir, keep=config.train.keep_checkpoints)
   manager = train_state.checkpoint_manager(
     workdir,
     keep=config.train.keep_checkpoints,

@@ -179,9 +179,14 @@ def save(
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
-def remove_stale_temporaries(workdir: epath.PathLike) -> None:
-  """Deletes the temporary folders of saves a killed run left unfinished and moves aside step
-  folders that are not complete (process 0 does it, every process waits for it)."""
+def remove_stale_temporaries(workdir: epath.PathLike, *, keep: int | None = None) -> None:
+  """Deletes what killed saves and retention deletions left unfinished; moves aside any other
+  incomplete step folder (process 0 does it, every process waits for it).
+
+  Orbax deletes a step only once ``keep`` complete steps are newer, so an incomplete step with that
+  many complete ones above it is a retention deletion cut short: it is finished. Any other
+  incomplete step (a copy cut short) is renamed ``<step>.incomplete``, never deleted.
+  """
   directory = resolve_workdir(workdir) / 'checkpoints'
   if jax.process_index() == 0 and directory.exists():
     for stale in sorted(directory.glob(f'*{_TMP_MARK}*')):
@@ -190,9 +195,16 @@ def remove_stale_temporaries(workdir: epath.PathLike) -> None:
         stale.rmtree()
       else:
         stale.unlink()
-    for step in directory.iterdir():  # a kill during Orbax's deletion of an old step leaves one
-      if step.name.isdigit() and not (step / _COMPLETE_MARK).exists():
-        console.say('%s is incomplete (a deletion or copy cut short): moved aside.', step)
+    steps = [p for p in directory.iterdir() if p.name.isdigit()]
+    complete = sorted(int(p.name) for p in steps if (p / _COMPLETE_MARK).exists())
+    for step in steps:
+      if (step / _COMPLETE_MARK).exists():
+        continue
+      if keep is not None and sum(c > int(step.name) for c in complete) >= keep:
+        console.say('Removing %s, a retention deletion cut short.', step)
+        step.rmtree()
+      else:
+        console.say('%s is incomplete (a copy cut short?): moved aside.', step)
         step.rename(directory / f'{step.name}.incomplete')
   runtime.barrier('removed stale checkpoint temporaries')
 

@@ -77,6 +77,18 @@ def test_leftovers_of_killed_saves_and_deletions_are_cleared_on_start(tiny_confi
   assert (tmp_path / 'checkpoints' / '0.incomplete' / 'default').is_dir()  # moved, not deleted
 
 
+def test_a_retention_deletion_cut_short_is_finished_on_start(tiny_config, tmp_path):
+  tiny_config.train.update(num_train_steps=3, checkpoint_every_steps=1, keep_checkpoints=2)
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert steps_in(tmp_path) == [2, 3]
+  half_deleted = tmp_path / 'checkpoints' / '1'  # Orbax deletes 1 only once 2 and 3 are complete
+  (half_deleted / 'default').mkdir(parents=True)
+  tiny_config.train.num_train_steps = 4
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert steps_in(tmp_path) == [3, 4]
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['3', '4']
+
+
 def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_config, tmp_path):
   tiny_config.train.update(num_train_steps=1, checkpoint_every_steps=1)
   train.train_and_evaluate(tiny_config, str(tmp_path))

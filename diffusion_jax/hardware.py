@@ -8,7 +8,9 @@ instead of an MFU.
 
 In the loop (``seconds_per_step`` measured between two metric writes):
 
-  flops = hardware.step_flops(step_fn, state, batch, mesh=mesh) / steps_per_call  # once
+  lowered = step_fn.lower(state, batch, metrics)  # once: counted, then compiled
+  flops = hardware.lowered_flops(lowered, mesh=mesh) / steps_per_call
+  step_fn = lowered.compile()
   writer.write_scalars(step, hardware.throughput_metrics(flops, seconds_per_step))
 """
 
@@ -79,5 +81,9 @@ def step_flops(jitted: Any, *args: Any, mesh: Any = None) -> float:
   one device's share: pass its ``mesh`` to multiply by the device count. A program of global
   shapes (plain ``jit``) needs no mesh. Divide by ``train.steps_per_call`` for one optimizer step.
   """
-  flops = jitted.lower(*args).cost_analysis()['flops']
-  return float(flops) * (1 if mesh is None else mesh.size)
+  return lowered_flops(jitted.lower(*args), mesh=mesh)
+
+
+def lowered_flops(lowered: jax.stages.Lowered, *, mesh: Any = None) -> float:
+  """``step_flops`` of a program already lowered (one that is compiled from ``lowered`` next)."""
+  return float(lowered.cost_analysis()['flops']) * (1 if mesh is None else mesh.size)

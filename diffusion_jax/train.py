@@ -96,7 +96,6 @@ def _train(
   parameter_overview.log_parameter_overview(state.params)
 
   k = runtime.steps_per_call(config.train)
-  step_fn = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
   train_iter = input_pipeline.create_train_iterator(
     builder,
     config.dataset,
@@ -108,8 +107,13 @@ def _train(
   report_progress = periodic_actions.ReportProgress(
     num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every_steps
   )
-  abstract_batch = factory.abstract_batch(mesh, config.train.batch_size, k)
-  flops = hardware.step_flops(step_fn, factory.abstract(mesh), abstract_batch, mesh=mesh) / k
+  lowered = train_step.make_train_step(config.optim, factory.model, diffusion, mesh).lower(
+    factory.abstract(mesh),
+    factory.abstract_batch(mesh, config.train.batch_size, k),
+    train_step.empty_metrics(mesh),
+  )
+  flops = hardware.lowered_flops(lowered, mesh=mesh) / k  # one trace: counted, then compiled
+  step_fn = lowered.compile()
   periodic, running = hooks.make_hooks(
     config, workdir, builder, factory, diffusion, mesh, writer, report_progress, start_step, flops
   )

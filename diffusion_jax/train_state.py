@@ -161,6 +161,7 @@ def checkpoint_manager(
     save_decision_policy=policy,
     enable_async_checkpointing=not read_only,
     read_only=read_only,
+    save_interval_steps=0 if read_only else 1,  # what Orbax sets, with a warning, if read only
     create=not read_only,
   )
   return ocp.CheckpointManager(resolve_workdir(workdir) / 'checkpoints', options=options)
@@ -259,8 +260,7 @@ def restore(
 def _check_fits(directory: epath.Path, abstract_state: TrainState) -> None:
   """A SetupError, before any array is read, if the checkpoint in ``directory`` holds another
   tree or other shapes than ``abstract_state`` (the config describes another model)."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    stored = _shapes(checkpointer.metadata(directory / 'default').item_metadata)
+  stored = _shapes(ocp.StandardCheckpointHandler().metadata(directory / 'default'))
   if not stored:
     raise ValueError(f'no array metadata in {directory}')  # damaged: read the previous one
   wanted = _shapes(abstract_state)

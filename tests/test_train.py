@@ -146,6 +146,7 @@ def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
   assert 'sampling 16 (chunks): 1/1' in out  # evaluation progress
   library = [x for x in out.splitlines() if re.match(r'I\d{4} ', x) and 'port.cc' not in x]
   assert not library, library[:5]
+  assert not library_warnings(out), library_warnings(out)[:5]  # a restore warns of nothing
   assert '2 local / 2 global devices (cpu)' in out  # the digits config's num_cpu_devices
   grid = workdir / 'samples' / f'step_{steps[-1] + 2:08d}.png'
   assert grid.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -159,12 +160,18 @@ def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
   proc = run_main(*flags, '--mode=figures', cwd=tmp_path)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
+  assert library_warnings(out) == ['Given directory is read only'], out[-3000:]
   for name in ('progressive', 'shared_latents', 'interpolation', 'ddim_interpolation'):
     assert (workdir / 'figures' / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
   assert (workdir / 'figures' / 'rate_distortion.csv').exists()
   with np.load(workdir / 'samples' / f'ema_step_{steps[-1] + 2:08d}_n5.npz') as f:
     assert f['images'].shape == (5, 8, 8, 1) and f['images'].dtype == np.uint8
     assert int(f['step']) == steps[-1] + 2 and f['images'].max() > 0
+
+
+def library_warnings(out: str) -> list[str]:
+  """The WARNING lines of libraries (absl format), by message."""
+  return [m.group(1) for m in re.finditer(r'^W\d{4} [^\]]*\] (.*?)(?:=.*)?$', out, re.M)]
 
 
 @pytest.mark.slow

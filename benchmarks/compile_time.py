@@ -50,7 +50,8 @@ def child(name: str) -> dict:
   )
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   result = {}
-  for what, fn, args in (('train', step, (state, images)), ('sample', sample, (state.params, key))):
+  train_args = (state, images, train_step.empty_metrics(mesh))  # as the loop lowers it
+  for what, fn, args in (('train', step, train_args), ('sample', sample, (state.params, key))):
     start = time.perf_counter()
     lowered = fn.lower(*args)
     traced = time.perf_counter()

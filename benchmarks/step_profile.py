@@ -69,9 +69,8 @@ def operation_groups(hlo_text: str) -> dict[str, str]:
     called = re.search(r'calls=%(\S+?)[,\s]', rest)
     body = computations.get(called.group(1), []) if called else []
     convs = [b for b in body if ' convolution(' in b] or ([line] if opcode == 'convolution' else [])
-    if convs:
-      metadata = line if 'op_name=' in line else convs[0]
-      groups[name] = _conv_group(convs[0] + metadata)
+    if convs:  # the window is on the convolution, the op_name (if any) on the fusion
+      groups[name] = _conv_group(convs[0] + line)
     elif opcode == 'dot' or any(' dot(' in b for b in body):
       groups[name] = 'matmul (attention, dense)'
     elif opcode in ('all-reduce', 'all-gather', 'collective-permute', 'reduce-scatter'):

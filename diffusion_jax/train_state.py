@@ -196,12 +196,11 @@ def remove_stale_temporaries(workdir: epath.PathLike, *, keep: int | None = None
         stale.rmtree()
       else:
         stale.unlink()
-    steps = [p for p in directory.iterdir() if p.name.isdigit()]
-    complete = sorted(int(p.name) for p in steps if (p / _COMPLETE_MARK).exists())
-    for step in steps:
-      if (step / _COMPLETE_MARK).exists():
-        continue
-      if keep is not None and sum(c > int(step.name) for c in complete) >= keep:
+    complete, incomplete = [], []
+    for step in (p for p in directory.iterdir() if p.name.isdigit()):
+      (complete if (step / _COMPLETE_MARK).exists() else incomplete).append(step)
+    for step in incomplete:
+      if keep is not None and sum(int(c.name) > int(step.name) for c in complete) >= keep:
         console.say('Removing %s, a retention deletion cut short.', step)
         step.rmtree()
       else:

@@ -60,10 +60,10 @@ def main(argv):
   for config_file, steps_per_s in PAPER_V3_8.items():
     batch = config_defaults.load(str(CONFIGS / config_file)).train.batch_size
     train_flops, sample_flops = step_flops(config_file, batch)
-    v3_peak = hardware.PEAK_FLOPS_PER_CHIP['TPU v3'][0] * 4
+    v3_peak = hardware.CHIPS['TPU v3'].peak_flops * 4
     mfu = steps_per_s * train_flops / v3_peak
     speeds = {
-      name: mfu * hardware.PEAK_FLOPS_PER_CHIP[kind][0] * chips / train_flops
+      name: mfu * hardware.CHIPS[kind].peak_flops * chips / train_flops
       for name, (kind, chips) in SLICES.items()
     }
     rows.append((config_file, batch, train_flops, sample_flops, steps_per_s, mfu, speeds))

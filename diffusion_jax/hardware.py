@@ -1,10 +1,11 @@
-"""Peak dense FLOP rates of accelerators, model-FLOPs utilization (MFU), and XLA's FLOP counts.
+"""Accelerator chips (peak dense FLOP rate, HBM), model-FLOPs utilization (MFU), and XLA's FLOP
+counts.
 
-Per chip, bfloat16 matmul peak as the vendors publish it. A TPU v2/v3/v4/v5p chip has two
-TensorCores; JAX shows one device per core on v2/v3 and one per chip (megacore) on v4/v5p; v5e
-and v6e chips have one core each. A CPU has no entry: its peak depends on the model, clock and
-core count, so on a CPU the loop reports the achieved FLOP rate (``train/flops_per_second``)
-instead of an MFU.
+Per chip, as the vendors publish them: the bfloat16 dense peak and the HBM. A TPU v2, v3 and TPU7x
+chip has two TensorCores and JAX shows one device per core; v4 and v5p chips have two cores that
+JAX shows as one device (megacore); v5e and v6e chips have one core each. A CPU has no entry: its
+peak depends on the model, clock and core count, so on a CPU the loop reports the achieved FLOP
+rate (``train/flops_per_second``) instead of an MFU.
 
 In the loop (``seconds_per_step`` measured between two metric writes):
 
@@ -14,32 +15,57 @@ In the loop (``seconds_per_step`` measured between two metric writes):
   writer.write_scalars(step, hardware.throughput_metrics(flops, seconds_per_step))
 """
 
+import dataclasses
 from typing import Any
 
 import jax
 
-# jax.devices()[0].device_kind -> (peak FLOP/s per chip, JAX devices per chip)
-PEAK_FLOPS_PER_CHIP = {
-  'TPU v2': (45e12, 2),
-  'TPU v3': (123e12, 2),
-  'TPU v4': (275e12, 1),
-  'TPU v5 lite': (197e12, 1),
-  'TPU v5e': (197e12, 1),
-  'TPU v5': (459e12, 1),
-  'TPU v5p': (459e12, 1),
-  'TPU v6 lite': (918e12, 1),
-  'TPU v6e': (918e12, 1),
-  'NVIDIA H100 80GB HBM3': (989e12, 1),
-  'NVIDIA A100-SXM4-80GB': (312e12, 1),
-  'NVIDIA A100-SXM4-40GB': (312e12, 1),
+from diffusion_jax.errors import SetupError
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator chip: its bfloat16 dense peak, its HBM and the JAX devices it shows."""
+
+  peak_flops: float  # FLOP/s
+  hbm_bytes: int
+  devices: int
+
+  @property
+  def hbm_bytes_per_device(self) -> int:
+    return self.hbm_bytes // self.devices
+
+
+_V5E, _V5P, _V6E = Chip(197e12, 16 * GiB, 1), Chip(459e12, 95 * GiB, 1), Chip(918e12, 32 * GiB, 1)
+# jax.devices()[0].device_kind -> its chip (Cloud TPU's system architecture pages; NVIDIA's specs).
+CHIPS = {
+  'TPU v2': Chip(45e12, 16 * GiB, 2),
+  'TPU v3': Chip(123e12, 32 * GiB, 2),
+  'TPU v4': Chip(275e12, 32 * GiB, 1),
+  'TPU v5 lite': _V5E,
+  'TPU v5e': _V5E,
+  'TPU v5': _V5P,
+  'TPU v5p': _V5P,
+  'TPU v6 lite': _V6E,
+  'TPU v6e': _V6E,
+  'TPU7x': Chip(2307e12, 192 * GiB, 2),
+  'NVIDIA H100 80GB HBM3': Chip(989e12, 80 * GiB, 1),
+  'NVIDIA A100-SXM4-80GB': Chip(312e12, 80 * GiB, 1),
+  'NVIDIA A100-SXM4-40GB': Chip(312e12, 40 * GiB, 1),
 }
+
+
+def chip(device: jax.Device | None = None) -> Chip | None:
+  """The chip of a JAX device (default: the first), or None if its kind is not in ``CHIPS``."""
+  return CHIPS.get((jax.devices()[0] if device is None else device).device_kind)
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
   """The peak FLOP/s of one JAX device of this kind, or None if the kind is not in the table."""
-  device = jax.devices()[0] if device is None else device
-  entry = PEAK_FLOPS_PER_CHIP.get(device.device_kind)
-  return None if entry is None else entry[0] / entry[1]
+  entry = chip(device)
+  return None if entry is None else entry.peak_flops / entry.devices
 
 
 def train_mfu(
@@ -87,3 +113,35 @@ def step_flops(jitted: Any, *args: Any, mesh: Any = None) -> float:
 def lowered_flops(lowered: jax.stages.Lowered, *, mesh: Any = None) -> float:
   """``step_flops`` of a program already lowered (one that is compiled from ``lowered`` next)."""
   return float(lowered.cost_analysis()['flops']) * (1 if mesh is None else mesh.size)
+
+
+def compiled_bytes(compiled: jax.stages.Compiled) -> int:
+  """Device memory one call of a compiled program needs on each device, by XLA's memory analysis:
+  arguments + outputs − the outputs that reuse donated arguments + temporaries + its code."""
+  m = compiled.memory_analysis()
+  return (
+    m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    - m.alias_size_in_bytes
+    + m.temp_size_in_bytes
+    + m.generated_code_size_in_bytes
+  )
+
+
+def device_bytes_limit(device: jax.Device) -> int | None:
+  """The memory JAX may use on ``device`` (``memory_stats()['bytes_limit']``; None on a CPU)."""
+  stats = device.memory_stats()
+  return None if not stats else stats.get('bytes_limit')
+
+
+def check_fits(compiled: jax.stages.Compiled, device: jax.Device, *, what: str, fix: str) -> None:
+  """A SetupError, before the program first runs, if ``compiled`` needs more memory per device
+  than ``device`` has for JAX (a no-op where JAX reports no limit: a CPU)."""
+  limit = device_bytes_limit(device)
+  needed = compiled_bytes(compiled)
+  if limit is not None and needed > limit:
+    raise SetupError(
+      f"{what} needs {needed / GiB:.2f} GiB per device (XLA's memory analysis of the compiled "
+      f'program), more than the {limit / GiB:.2f} GiB JAX has on each {device.device_kind}: it '
+      f'would fail with RESOURCE_EXHAUSTED. {fix}'
+    )

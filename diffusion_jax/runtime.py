@@ -1,7 +1,6 @@
 """The process's JAX runtime: CPU device count, multi-host start-up, and checks that a run is
 where the user meant it to be (on the asked-for accelerator, with a workdir every host shares)."""
 
-import glob
 import os
 import signal
 import sys
@@ -15,15 +14,12 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import console
+from diffusion_jax import accelerator, console
 from diffusion_jax.errors import SetupError
 
-# Device files of a TPU VM's chips; their presence means JAX should run on a TPU here.
-TPU_DEVICE_GLOB = '/dev/accel*'
-
 _BUSY_TPU_HELP = (
-  'Another process may hold the TPU: list it with `sudo lsof -w /dev/accel*` and end it '
-  '(`launch/tpu.sh stop` does so on every host and removes /tmp/libtpu_lockfile).'
+  'Another process may hold the TPU: list it with `sudo lsof -w /dev/accel* /dev/vfio/*` and end '
+  'it (`launch/tpu.sh stop` does so on every host and removes /tmp/libtpu_lockfile).'
 )
 
 
@@ -36,7 +32,11 @@ def start(
   process_id: int | None = None,
 ) -> None:
   """Splits a CPU host into ``num_cpu_devices`` devices, joins the other processes if
-  ``distributed``, then checks the platform (before anything else touches JAX)."""
+  ``distributed``, then checks the platform (before anything else touches JAX). A host with no
+  accelerator runs on the CPU without probing for one (libtpu, when installed to compile for TPU
+  topologies, would print its start-up errors)."""
+  if not asked_platforms() and accelerator.kind() == 'cpu':
+    jax.config.update('jax_platforms', 'cpu')
   if num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', num_cpu_devices)
   if distributed:
@@ -71,14 +71,13 @@ def check_platform() -> None:
       f'JAX could not start the platform asked for (jax_platforms={asked!r}): {e}. '
       + (_BUSY_TPU_HELP if 'tpu' in asked else '')
     ) from None
-  if platform == 'cpu' and 'cpu' not in asked:
-    tpus = sorted(glob.glob(TPU_DEVICE_GLOB))
-    if tpus:
-      raise SetupError(
-        f'This machine has TPU chips ({", ".join(tpus)}) but JAX started on the CPU. '
-        + _BUSY_TPU_HELP
-        + ' To run on the CPU here on purpose, set JAX_PLATFORMS=cpu.'
-      )
+  if platform == 'cpu' and 'cpu' not in asked and accelerator.has_tpu():
+    chips = ', '.join(accelerator.tpu_chips()) or f'{accelerator.TPU_ENV} is set'
+    raise SetupError(
+      f'This machine has TPU chips ({chips}) but JAX started on the CPU. '
+      + _BUSY_TPU_HELP
+      + ' To run on the CPU here on purpose, set JAX_PLATFORMS=cpu.'
+    )
 
 
 def asked_platforms() -> str:

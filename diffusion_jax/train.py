@@ -114,6 +114,14 @@ def _train(
   )
   flops = hardware.lowered_flops(lowered, mesh=mesh) / k  # one trace: counted, then compiled
   step_fn = lowered.compile()
+  hardware.check_fits(
+    step_fn,
+    mesh.devices.flat[0],
+    what=f'The train step at train.batch_size={config.train.batch_size}',
+    fix='Recompute activations with --config.model.remat=True, compute in bfloat16 with '
+    '--config.model.dtype=bfloat16, or lower --config.train.batch_size (then also the learning '
+    'rate), or use a slice with more devices.',
+  )
   periodic, running = hooks.make_hooks(
     config, workdir, builder, factory, diffusion, mesh, writer, report_progress, start_step, flops
   )

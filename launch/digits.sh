@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash launch/setup.sh
+venv=${VENV:-.venv}
 export TF_CPP_MIN_LOG_LEVEL=2
-exec .venv/bin/python -m diffusion_jax.main --config=configs/digits.py \
+exec "$venv/bin/python" -m diffusion_jax.main --config=configs/digits.py \
     --workdir="${WORKDIR:-workdirs/digits}" --config.dataset.data_dir="${TFDS_DATA_DIR:-data/tensorflow_datasets}" "$@"

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Sets up .venv if needed, checks the house style (ruff), then runs the whole test suite
-# (slow end-to-end tests included). Extra arguments go to pytest.
+# Sets up the venv if needed (with the TPU runtime: tests compile for TPU topologies), checks the
+# house style (ruff), then runs the whole test suite (slow end-to-end tests included). Extra
+# arguments go to pytest: `-m stack` is the subset CI runs on the other Pythons.
+#   PYTHON=python3.12 VENV=.venv-py3.12 bash launch/test.sh -m stack
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash launch/setup.sh
-.venv/bin/ruff format --check --quiet . || { echo 'style: run .venv/bin/ruff format .' >&2; exit 1; }
-.venv/bin/ruff check --quiet .
-exec .venv/bin/python -m pytest tests "$@"
+WITH_TPU=1 bash launch/setup.sh
+venv=${VENV:-.venv}
+"$venv/bin/ruff" format --check --quiet . || { echo "style: run $venv/bin/ruff format ." >&2; exit 1; }
+"$venv/bin/ruff" check --quiet .
+exec "$venv/bin/python" -m pytest tests "$@"

@@ -16,7 +16,9 @@
 #       A TPU VM of TYPE (v3-8, v4-32, v5litepod-16, v6e-8, ...). --queued: a queued resource
 #       (waits for capacity; the node gets the same name). --spot: a spot VM. Default RUNTIME:
 #       tpu-ubuntu2204-base (v2, v3, v4), v2-alpha-tpuv5-lite (v5e), v2-alpha-tpuv5 (v5p),
-#       v2-alpha-tpuv6e (v6e). GCLOUD_FLAGS go to gcloud as they are (--service-account=...).
+#       v2-alpha-tpuv6e (v6e). TPU7x and later: the Cloud TPU API (gcloud compute tpus) does not
+#       support them; use GKE (docs/cloud_tpu.md). GCLOUD_FLAGS go to gcloud as they are
+#       (--service-account=...).
 #   push [--allow-dirty]
 #       The current commit (git archive HEAD) to ~/diffusion_jax on every worker, replacing the
 #       code there but keeping .venv and logs; writes the commit id to ~/diffusion_jax/COMMIT.
@@ -24,8 +26,9 @@
 #       committed code is pushed).
 #   setup
 #       On every worker, once (again after requirements.txt changes): uv (pip --user), Python
-#       3.11 (uv), ~/diffusion_jax/.venv with requirements.txt, jax[tpu]==<the jax pin of
-#       requirements.txt> (libtpu from the package index) and the package. Run push first.
+#       PYTHON_VERSION (3.13; uv), ~/diffusion_jax/.venv with every pin of the lock file of that
+#       Python (requirements.txt; libtpu included, from the package index) and the package. Run
+#       push first.
 #   train CONFIG WORKDIR [FLAGS...]
 #       On every worker, detached (it outlives the ssh session): python -m diffusion_jax.main
 #       --config=CONFIG --workdir=WORKDIR --distributed
@@ -61,6 +64,7 @@ PROG=launch/tpu.sh
 
 tpu=${TPU_NAME:-}
 zone=${ZONE:-}
+python_version=${PYTHON_VERSION:-3.13}  # the main line of requirements.txt
 project=${PROJECT:-}
 dry_run=0
 scope=()  # --zone=... [--project=...], for every gcloud command
@@ -90,26 +94,24 @@ printf '%s\n' "$commit" > "$dir/COMMIT"
 echo "$host: $dir is commit $commit"
 EOF
 
-# Sets: jax_pin.
+# Sets: lock (the lock file of python_version), lock_sum (its sha1 on the laptop), python_version.
 heredoc SETUP_BODY <<'EOF'
 dir=$HOME/diffusion_jax
 host=$(hostname)
 cd "$dir" 2>/dev/null || { echo "$host: no $dir: run launch/tpu.sh push first" >&2; exit 1; }
-if ! grep -qx "jax==$jax_pin" requirements.txt; then
-  echo "$host: $dir/requirements.txt does not pin jax==$jax_pin as the local checkout does:" \
-    "run launch/tpu.sh push first" >&2
+if [[ ! -f $lock ]] || [[ $(sha1sum < "$lock" | cut -c1-40) != "$lock_sum" ]]; then
+  echo "$host: $dir/$lock is not the local checkout's: run launch/tpu.sh push first" >&2
   exit 1
 fi
-# The image's python3 may be 3.10: it only installs uv, which brings Python 3.11.
+# The image's python3 may be 3.10: it only installs uv, which brings Python $python_version.
 export PATH=$HOME/.local/bin:$PATH
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user --quiet --upgrade uv
-uv python install 3.11
-if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+uv python install "$python_version"
+if ! .venv/bin/python -c "import sys; sys.exit('%d.%d' % sys.version_info[:2] != '$python_version')" 2>/dev/null; then
   rm -rf .venv
-  uv venv --python 3.11 .venv
+  uv venv --python "$python_version" .venv
 fi
-uv pip install --python .venv/bin/python --quiet -r requirements.txt
-uv pip install --python .venv/bin/python --quiet "jax[tpu]==$jax_pin"
+uv pip install --python .venv/bin/python --quiet -r "$lock"
 uv pip install --python .venv/bin/python --quiet --no-deps -e .
 .venv/bin/python -c 'import sys; from importlib.metadata import version as v
 print("Python", sys.version.split()[0], "jax", v("jax"), "libtpu", v("libtpu"))' \
@@ -322,6 +324,9 @@ default_runtime() {
   esac
 }
 
+# Generations the Cloud TPU API (gcloud compute tpus) does not serve: TPU7x and later.
+api_unsupported() { [[ $1 == tpu7x-* || $1 == tpu[89]* ]]; }
+
 cmd_create() {
   local type='' version='' spot=0 queued=0 extra=() flags
   while (($#)); do
@@ -338,6 +343,10 @@ cmd_create() {
     shift
   done
   [[ -n $type ]] || usage_error 'create needs --accelerator-type TYPE (v3-8, v4-32, ...)'
+  if api_unsupported "$type"; then
+    usage_error "$type: the Cloud TPU API (gcloud compute tpus) does not support TPU7x and" \
+      "later TPUs (Google develops it no further); create them with GKE: docs/cloud_tpu.md, 'TPU7x'"
+  fi
   if [[ -z $version ]]; then
     version=$(default_runtime "$type") \
       || usage_error "no default runtime version for $type: pass --version RUNTIME"
@@ -395,11 +404,17 @@ cmd_push() {
 }
 
 cmd_setup() {
-  local jax_pin
+  local lock=requirements.txt lock_sum
   (($# == 0)) || usage_error "setup takes no arguments (got $1)"
-  jax_pin=$(sed -n 's/^jax==\([^[:space:]#;]*\).*/\1/p' "$REPO_ROOT/requirements.txt")
-  [[ -n $jax_pin ]] || fail "no jax==VERSION line in $REPO_ROOT/requirements.txt"
-  ssh_workers all setup "$(remote_script "$SETUP_BODY" "jax_pin=$jax_pin")"
+  case $python_version in
+    3.11) lock=requirements-py311.txt ;;
+    3.12 | 3.13) ;;
+    *) usage_error "PYTHON_VERSION=$python_version: the supported ones are 3.11, 3.12 and 3.13" ;;
+  esac
+  [[ -f $REPO_ROOT/$lock ]] || fail "no $REPO_ROOT/$lock"
+  lock_sum=$(sha1sum < "$REPO_ROOT/$lock" | cut -c1-40)
+  ssh_workers all setup "$(remote_script "$SETUP_BODY" "lock=$lock" "lock_sum=$lock_sum" \
+    "python_version=$python_version")"
 }
 
 cmd_train() {

@@ -8,6 +8,7 @@ import pytest
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import hardware, parallel, train_state, train_step
+from diffusion_jax.errors import SetupError
 
 V3_CORE = types.SimpleNamespace(device_kind='TPU v3')
 CPU = types.SimpleNamespace(device_kind='cpu')
@@ -16,6 +17,16 @@ CPU = types.SimpleNamespace(device_kind='cpu')
 def test_peak_is_per_jax_device():
   assert hardware.peak_flops_per_device(V3_CORE) == 123e12 / 2  # two cores, two devices per chip
   assert hardware.peak_flops_per_device(CPU) is None
+
+
+@pytest.mark.parametrize(
+  ('kind', 'hbm_gib_per_device'),
+  [('TPU v2', 8), ('TPU v3', 16), ('TPU v4', 32), ('TPU v5 lite', 16), ('TPU v5', 95)]
+  + [('TPU v6 lite', 32), ('TPU7x', 96)],
+)
+def test_every_tpu_generation_has_its_hbm_per_device(kind, hbm_gib_per_device):
+  chip = hardware.chip(types.SimpleNamespace(device_kind=kind))
+  assert chip.hbm_bytes_per_device == hbm_gib_per_device * hardware.GiB
 
 
 def test_mfu_and_throughput_metrics():
@@ -52,3 +63,17 @@ def test_step_flops_count_the_global_batch_on_any_mesh(tiny_config):
   forward = jax.jit(lambda p, x, t: factory.model.apply({'params': p}, x, t))
   ratio = counts[1] / hardware.step_flops(forward, params, x, t)
   assert 2.5 < ratio < 4, ratio
+
+
+def test_a_program_too_big_for_the_device_is_refused_before_it_runs():
+  compiled = jax.jit(lambda x: (x @ x.T).sum()).lower(jnp.ones((256, 512))).compile()
+  needed = hardware.compiled_bytes(compiled)
+  assert needed >= 256 * 512 * 4  # at least its argument
+  device = types.SimpleNamespace(device_kind='TPU v9', memory_stats=lambda: {'bytes_limit': 1024})
+  with pytest.raises(
+    SetupError, match=r'The step needs 0\.\d+ GiB .* TPU v9.*RESOURCE_EXHAUSTED.*fix'
+  ):
+    hardware.check_fits(compiled, device, what='The step', fix='fix it')
+  roomy = types.SimpleNamespace(device_kind='TPU v9', memory_stats=lambda: {'bytes_limit': needed})
+  hardware.check_fits(compiled, roomy, what='The step', fix='fix it')
+  hardware.check_fits(compiled, jax.devices()[0], what='The step', fix='fix it')  # CPU: no limit

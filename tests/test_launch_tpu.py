@@ -17,7 +17,6 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'launch' / 'tpu.sh'
-JAX_PIN = re.search(r'^jax==(\S+)$', (REPO / 'requirements.txt').read_text(), re.M)[1]
 ZONE = 'us-central1-a'
 TUPLE = '--config.model.ch_mult=(1,1,2,2,4,4)'
 
@@ -104,7 +103,7 @@ class Laptop:
     self.env = {
       k: v
       for k, v in os.environ.items()
-      if k not in ('TPU_NAME', 'ZONE', 'PROJECT', 'LOG_SYNC_SECONDS')
+      if k not in ('TPU_NAME', 'ZONE', 'PROJECT', 'LOG_SYNC_SECONDS', 'PYTHON_VERSION')
     }
     self.env.update(PATH=f'{self.bin}{os.pathsep}{os.environ["PATH"]}', FAKE_LOG=str(self.log))
 
@@ -276,6 +275,12 @@ def test_create_of_an_unknown_generation_needs_a_version(laptop):
   assert '--version' in laptop.tpu('create', '--accelerator-type', 'v9-8', code=2).stderr
 
 
+def test_create_of_a_tpu7x_points_to_gke(laptop):
+  err = laptop.tpu('create', '--accelerator-type', 'tpu7x-8', code=2).stderr
+  assert 'Cloud TPU API' in err and 'GKE' in err and 'docs/cloud_tpu.md' in err
+  assert laptop.calls() == []
+
+
 @pytest.mark.parametrize(
   'args, call',
   [
@@ -324,29 +329,39 @@ def test_push_refuses_uncommitted_changes(tmp_path, repo):
     assert tar.extractfile('pkg.py').read() == b'VERSION = 1\n'
 
 
-def test_setup_makes_a_python_311_venv_with_the_pinned_tpu_jax(laptop, worker):
-  laptop.tpu('setup')
+@pytest.mark.parametrize(
+  ('python', 'lock'), [(None, 'requirements.txt'), ('3.11', 'requirements-py311.txt')]
+)
+def test_setup_makes_a_venv_of_the_lock_with_the_tpu_runtime(laptop, worker, python, lock):
+  env = {'PYTHON_VERSION': python} if python else {}
+  python = python or '3.13'  # the main line
+  laptop.tpu('setup', env=env)
   (call,) = laptop.calls()
   assert call[5:8] == ['t', f'--zone={ZONE}', '--worker=all']
   command = command_of(call)
   assert not re.search(r'\s(-f|--find-links)\s|libtpu_releases|storage\.googleapis', command)
-  shutil.copy(REPO / 'requirements.txt', worker.code / 'requirements.txt')
+  assert re.search(r'^libtpu==', (REPO / lock).read_text(), re.M)  # the lock has the TPU runtime
+  shutil.copy(REPO / lock, worker.code / lock)
   worker.run(command)
   uv = ['uv', 'pip', 'install', '--python', '.venv/bin/python', '--quiet']
   assert [c for c in worker.calls() if c[0] != 'python'] == [
     ['python3', '-m', 'pip', 'install', '--user', '--quiet', '--upgrade', 'uv'],
-    ['uv', 'python', 'install', '3.11'],
-    ['uv', 'venv', '--python', '3.11', '.venv'],
-    uv + ['-r', 'requirements.txt'],
-    uv + [f'jax[tpu]=={JAX_PIN}'],
+    ['uv', 'python', 'install', python],
+    ['uv', 'venv', '--python', python, '.venv'],
+    uv + ['-r', lock],
     uv + ['--no-deps', '-e', '.'],
   ]
   worker.log.unlink()
   worker.run(command)  # again: the venv stays
-  assert ['uv', 'venv', '--python', '3.11', '.venv'] not in worker.calls()
-  # Code pushed with another jax pin than the local checkout's: push first.
-  (worker.code / 'requirements.txt').write_text('jax==0.0.1\n')
+  assert ['uv', 'venv', '--python', python, '.venv'] not in worker.calls()
+  # Code pushed with another lock than the local checkout's: push first.
+  (worker.code / lock).write_text('jax==0.0.1\n')
   assert 'push' in worker.run(command, code=1).stderr
+
+
+def test_setup_refuses_an_unsupported_python(laptop):
+  assert '3.11, 3.12 and 3.13' in laptop.tpu('setup', env={'PYTHON_VERSION': '3.10'}, code=2).stderr
+  assert laptop.calls() == []
 
 
 def start_training(laptop, worker, workdir, *flags, env=None):

@@ -9,8 +9,6 @@ the notebook imports the checkout under test with the pinned stack; it runs in a
 (its workdirs go there) on the session's TFDS data dir, with no network.
 """
 
-import glob
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -20,6 +18,8 @@ import sys
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from diffusion_jax import accelerator
 
 from conftest import REPO
 from test_convert import small_config, small_config_json, source_weights, write_diffusers
@@ -57,58 +57,71 @@ def test_stored_notebook_is_valid_and_has_no_outputs():
   assert not dirty, f'clear the outputs and execution counts of cells {dirty} before committing'
   assert notebook.metadata.get('accelerator') == 'TPU'  # Colab opens it on a TPU runtime
   settings = code_cells(notebook)['settings'].source
-  assert "REPO_URL = 'https://github.com/OWNER/diffusion_jax'" in settings
-  assert 'COMMIT = ' in settings
+  # Colab shows both as a form the user fills in; the install cell says so if they are empty.
+  assert "REPO_URL = ''  # @param" in settings and "COMMIT = ''  # @param" in settings
+  assert 'OWNER' not in NOTEBOOK.read_text() + (REPO / 'README.md').read_text()
 
 
-def test_install_cell_installs_the_pinned_stack_at_the_commit(tmp_path, monkeypatch):
-  """Outside smoke mode, on a TPU runtime: clone, checkout, the pins less the developer tools,
-  jax[tpu] at the jax pin, the package (the commands recorded, not run)."""
-  commands = []
-
-  def run(args, check):
-    assert check
-    commands.append(args)
-    if args[:2] == ['git', 'clone']:  # the clone: a checkout holding requirements.txt
-      pathlib.Path(args[-1]).mkdir()
-      (pathlib.Path(args[-1]) / 'requirements.txt').write_text(requirements)
-
-  def kill(pid, signal):
-    raise AssertionError('the install cell restarted the kernel although no loaded module changed')
-
-  requirements = (REPO / 'requirements.txt').read_text()
+def run_install_cells(monkeypatch, tmp_path, run, **settings):
+  """The settings and install cells outside smoke mode, ``subprocess.run`` replaced by ``run``
+  and the settings form filled in with ``settings``; returns the cells' namespace."""
   monkeypatch.setattr(subprocess, 'run', run)
-  monkeypatch.setattr(os, 'kill', kill)
-  monkeypatch.setattr(glob, 'glob', lambda pattern: ['/dev/accel0'] if 'accel' in pattern else [])
   monkeypatch.setattr(sys, 'path', list(sys.path))
+  monkeypatch.delitem(sys.modules, 'colab_install', raising=False)  # imported anew from the clone
   monkeypatch.delenv('DIFFUSION_JAX_SMOKE', raising=False)
   monkeypatch.chdir(tmp_path)
   cells = code_cells(nbformat.read(NOTEBOOK, as_version=4))
   namespace = {}
-  for name in ('settings', 'install'):
-    exec(compile(cells[name].source, name, 'exec'), namespace)
+  exec(compile(cells['settings'].source, 'settings', 'exec'), namespace)
+  namespace.update(settings)
+  exec(compile(cells['install'].source, 'install', 'exec'), namespace)
+  return namespace
 
-  repo = str(tmp_path / 'diffusion_jax')
-  pins = [line for line in requirements.splitlines() if line[:1].isalpha()]
-  dev_tools = ('pytest==', 'ruff==', 'nbclient==', 'nbformat==', 'ipykernel==')
-  jax_version = next(pin for pin in pins if pin.startswith('jax==')).split('==')[1]
-  pip = [sys.executable, '-m', 'pip', 'install', '--quiet']
-  try:  # Colab's TensorFlow (the distribution `tensorflow`) would be removed first
-    importlib.metadata.version('tensorflow')
-    uninstall = [[sys.executable, '-m', 'pip', 'uninstall', '--quiet', '--yes', 'tensorflow']]
-  except importlib.metadata.PackageNotFoundError:
-    uninstall = []
+
+def test_install_cell_asks_for_the_repository_and_commit_first(tmp_path, monkeypatch):
+  def run(args, **_):
+    raise AssertionError(f'nothing may run before the form is filled in: {args}')
+
+  with pytest.raises(ValueError, match='Fill in the form at the top first: REPO_URL.*COMMIT'):
+    run_install_cells(monkeypatch, tmp_path, run)
+  with pytest.raises(ValueError, match='Fill in the form'):
+    run_install_cells(monkeypatch, tmp_path, run, REPO_URL='https://example.com/d.git')
+
+
+def test_install_cell_installs_the_package_under_the_lock(tmp_path, monkeypatch):
+  """Outside smoke mode, on a TPU runtime: clone, checkout, pip's dry run, the install of the
+  package with its TPU runtime under the lock (commands recorded, nothing run)."""
+  commands = []
+  report = {'install': [{'metadata': {'name': 'diffusion-jax', 'version': '0.1.0'}}]}
+
+  def run(args, **kwargs):
+    assert kwargs.get('check')
+    commands.append(args)
+    if args[:2] == ['git', 'clone']:  # a checkout: what the cell imports from it
+      for name in ('requirements.txt', 'notebooks/colab_install.py'):
+        (pathlib.Path(args[-1]) / name).parent.mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(args[-1]) / name).write_text((REPO / name).read_text())
+    return subprocess.CompletedProcess(args, 0, stdout=json.dumps(report))
+
+  monkeypatch.setattr(accelerator, 'kind', lambda: 'tpu')
+  monkeypatch.setattr(accelerator, 'tpu_chips', lambda: ['/dev/vfio/0'])
+  monkeypatch.setattr(os, 'kill', lambda *_: pytest.fail('restarted with nothing replaced'))
+  url, commit = 'https://example.com/diffusion_jax.git', '0123abc'
+  namespace = run_install_cells(monkeypatch, tmp_path, run, REPO_URL=url, COMMIT=commit)
+
+  repo = tmp_path / 'diffusion_jax'
+  lock = repo / (
+    'requirements-py311.txt' if sys.version_info[:2] == (3, 11) else 'requirements.txt'
+  )
+  pip = [sys.executable, '-m', 'pip', 'install']
+  target = ['-c', str(lock), '-e', f'{repo}[tpu]']
   assert commands == [
-    ['git', 'clone', '--quiet', namespace['REPO_URL'], repo],
-    ['git', '-C', repo, 'checkout', '--quiet', namespace['COMMIT']],
-    *uninstall,
-    [*pip, *[pin for pin in pins if not pin.startswith(dev_tools)]],
-    [*pip, f'jax[tpu]=={jax_version}'],
-    [*pip, '--no-deps', '-e', repo],
+    ['git', 'clone', '--quiet', url, str(repo)],
+    ['git', '-C', str(repo), 'checkout', '--quiet', commit],
+    [*pip, '--dry-run', '--quiet', '--report', '-', *target],
+    [*pip, '--quiet', *target],
   ]
-  installed = commands[len(uninstall) + 2]
-  assert 'huggingface-hub==2.4.0' in installed and 'tensorflow-cpu==2.21.0' in installed
-  assert sys.path[0] == repo  # importable in this kernel, before any restart
+  assert namespace['RUNTIME'] == 'tpu' and sys.path[:2] == [str(repo), str(repo / 'notebooks')]
 
 
 @pytest.fixture

@@ -8,26 +8,52 @@ import jax
 import ml_collections
 import pytest
 
-from diffusion_jax import runtime
+from diffusion_jax import accelerator, runtime
 from diffusion_jax.errors import SetupError
 
 from conftest import REPO, cli_env, load_config, tiny_flags
 
 
-def test_a_tpu_vm_running_on_its_cpu_is_refused(tmp_path, monkeypatch):
-  chip = tmp_path / 'accel0'
-  chip.write_text('')
-  monkeypatch.setattr(runtime, 'TPU_DEVICE_GLOB', str(tmp_path / 'accel*'))
+def fake_chips(monkeypatch, folder, *names):
+  """This host's TPU device files are ``names`` in ``folder`` (``accel0``, ``vfio/0``)."""
+  for name in names:
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text('')
+  globs = (str(folder / 'accel*'), str(folder / 'vfio' / '[0-9]*'))
+  monkeypatch.setattr(accelerator, 'TPU_DEVICE_GLOBS', globs)
+  monkeypatch.delenv(accelerator.TPU_ENV, raising=False)
+
+
+@pytest.mark.parametrize('chip', ['accel0', 'vfio/0'])  # v2-v4 and v5p; v5e, v6e and TPU7x
+def test_a_tpu_vm_running_on_its_cpu_is_refused(tmp_path, monkeypatch, chip):
+  fake_chips(monkeypatch, tmp_path, chip, 'vfio/vfio')  # vfio's own control file is no chip
+  assert accelerator.tpu_chips() == [str(tmp_path / chip)] and accelerator.kind() == 'tpu'
   monkeypatch.setattr(runtime, 'asked_platforms', lambda: '')  # nothing asked: JAX's choice
-  with pytest.raises(SetupError, match=r'TPU chips .*accel0.* JAX started on the CPU.*lsof'):
+  name = chip.replace('/', '.')
+  with pytest.raises(SetupError, match=rf'TPU chips .*{name}.* JAX started on the CPU.*lsof'):
+    runtime.check_platform()
+
+
+def test_a_tpu_host_known_by_its_environment_is_a_tpu_host(tmp_path, monkeypatch):
+  fake_chips(monkeypatch, tmp_path)
+  assert accelerator.kind() == 'cpu'
+  monkeypatch.setenv(accelerator.TPU_ENV, 'v5litepod-1')
+  monkeypatch.setattr(runtime, 'asked_platforms', lambda: '')
+  assert accelerator.kind() == 'tpu'
+  with pytest.raises(SetupError, match=rf'{accelerator.TPU_ENV} is set.* JAX started on the CPU'):
     runtime.check_platform()
 
 
 def test_the_cpu_asked_for_on_a_tpu_vm_is_allowed(tmp_path, monkeypatch):
-  (tmp_path / 'accel0').write_text('')
-  monkeypatch.setattr(runtime, 'TPU_DEVICE_GLOB', str(tmp_path / 'accel*'))
+  fake_chips(monkeypatch, tmp_path, 'accel0')
   assert runtime.asked_platforms() == 'cpu'  # the tests run with JAX_PLATFORMS=cpu
   runtime.check_platform()
+
+
+def test_the_accelerator_command_prints_the_kind():
+  script = REPO / 'diffusion_jax' / 'accelerator.py'  # as launch/tpu.sh runs it: no package
+  out = subprocess.run([sys.executable, script], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == accelerator.kind()
 
 
 @pytest.mark.slow

@@ -188,7 +188,8 @@ def test_cli_errors_are_clear(tmp_path):
 
 
 def test_mfu_is_logged_where_the_device_peak_is_known(tiny_config, tmp_path, monkeypatch):
-  monkeypatch.setitem(hardware.PEAK_FLOPS_PER_CHIP, jax.devices()[0].device_kind, (1e12, 1))
+  cpu_chip = hardware.Chip(peak_flops=1e12, hbm_bytes=hardware.GiB, devices=1)
+  monkeypatch.setitem(hardware.CHIPS, jax.devices()[0].device_kind, cpu_chip)
   train.train_and_evaluate(tiny_config, str(tmp_path))
   rate = logged_scalars(tmp_path, 'train/flops_per_second')
   mfu = logged_scalars(tmp_path, 'train/mfu')

@@ -28,24 +28,6 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 LAMBDAS = tuple(np.linspace(0.0, 1.0, 9))
 
 
-def reverse_from(
-  diffusion: diffusion_lib.GaussianDiffusion,
-  model_fn: ModelFn,
-  x_t: jax.Array,
-  t: int,
-  rng: jax.Array,
-  clip_denoised: bool = True,
-) -> jax.Array:
-  """x_0 from x_t by Algorithm 2's code steps t, ..., 0; step s draws its noise from rng's fold."""
-
-  def step(x, s):
-    s_batch = jnp.full((x.shape[0],), s, jnp.int32)
-    x, _ = diffusion.p_sample(model_fn, x, s_batch, jax.random.fold_in(rng, s), clip_denoised)
-    return x, None
-
-  return jax.lax.scan(step, x_t, jnp.arange(t, -1, -1, dtype=jnp.int32))[0]
-
-
 def q_encode(
   diffusion: diffusion_lib.GaussianDiffusion, x_0: jax.Array, t: int, noise: jax.Array
 ) -> jax.Array:
@@ -123,14 +105,20 @@ def make_figures(
   for t in (T - 1, 3 * T // 4 - 1, T // 2 - 1, T // 4 - 1):
     x_t = q_encode(d, test[:1], t, jax.random.normal(jax.random.fold_in(rng, t), test[:1].shape))
     keys = jax.random.split(jax.random.fold_in(rng, T + t), 7)
-    decode = jax.vmap(lambda k, x_t=x_t, t=t: reverse_from(d, model_fn, x_t, t, k, clip)[0])
+    decode = jax.vmap(
+      lambda k, x_t=x_t, t=t: d.p_sample_loop_from(model_fn, x_t, t, k, clip_denoised=clip)[0]
+    )
     rows += [images.to_uint8(x_t), images.to_uint8(jax.jit(decode)(keys))]
   grids['shared_latents'] = images.image_grid(np.concatenate(rows), columns=8)
 
   t = T // 2 - 1  # Fig. 8: the paper mixes at t = 500 of 1000
   noise = jax.random.normal(jax.random.fold_in(rng, 2 * T), test[:1].shape)
   latents = mix(q_encode(d, test[:1], t, noise)[0], q_encode(d, test[1:2], t, noise)[0], LAMBDAS)
-  decode = jax.jit(lambda x: reverse_from(d, model_fn, x, t, jax.random.fold_in(rng, 3 * T), clip))
+  decode = jax.jit(
+    lambda x: d.p_sample_loop_from(
+      model_fn, x, t, jax.random.fold_in(rng, 3 * T), clip_denoised=clip
+    )
+  )
   ends = (images.to_uint8(test[:1]), images.to_uint8(test[1:2]))
   grids['interpolation'] = _row(ends, images.to_uint8(decode(latents)))
 

@@ -312,6 +312,26 @@ def test_progressive_outputs():
     d.p_sample_loop(model_fn, (2, 3), rng, progress_every=30)
 
 
+def test_the_chain_from_any_step_finishes_algorithm_2():
+  """``p_sample_loop_from(x_t, t)`` with the chain's key ends where ``p_sample_loop`` ends."""
+  d = diffusion.GaussianDiffusion(paper_betas()[:100], 'eps', 'fixedlarge', 'mse')
+
+  def model_fn(x, t):
+    return 0.1 * x
+
+  rng = jax.random.PRNGKey(9)
+  x0, progress = d.p_sample_loop(model_fn, (2, 3), rng, progress_every=25)
+  x_T = jax.random.normal(jax.random.fold_in(rng, 100), (2, 3))
+  np.testing.assert_array_equal(d.p_sample_loop_from(model_fn, x_T, 99, rng), x0)
+  # progress['x_t'][0] is the sample after code steps 99..75: the input of step 74.
+  rest, rest_progress = d.p_sample_loop_from(
+    model_fn, progress['x_t'][0], 74, rng, progress_every=25
+  )
+  np.testing.assert_array_equal(rest, x0)
+  np.testing.assert_array_equal(rest_progress['t'], [50, 25, 0])
+  np.testing.assert_array_equal(rest_progress['x_t'], progress['x_t'][1:])
+
+
 # ----------------------------------------------------------------------------- analytic optimum
 # The Gaussian-data reference (optimal ε-model, closed-form bound) lives in gaussian_reference.py.
 

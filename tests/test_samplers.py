@@ -87,6 +87,22 @@ def test_respaced_with_all_steps_is_the_original_bit_for_bit():
   np.testing.assert_array_equal(sample(r), sample(d))
 
 
+@pytest.mark.parametrize('k', [10, 50])
+def test_respacing_does_not_depend_on_the_objects_history(k):
+  """``respaced`` starts from the exact float64 β_t, a static field of the pytree: the process
+  rebuilt by ``tree_unflatten`` and the one inside ``jax.jit`` respace to the same bits."""
+  d = make('fixedlarge')
+  leaves, treedef = jax.tree_util.tree_flatten(d)
+  rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+  expected, expected_treedef = jax.tree_util.tree_flatten(d.respaced(k))
+  for respaced in (rebuilt.respaced(k), jax.jit(lambda p: p.respaced(k))(d)):
+    got, got_treedef = jax.tree_util.tree_flatten(respaced)
+    assert got_treedef == expected_treedef
+    for a, b in zip(got, expected):
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(a, b)
+
+
 def test_the_model_sees_the_original_timesteps():
   """Every place the model is called maps the step through ``timestep_map``."""
   d = make().respaced(10)

@@ -61,13 +61,18 @@ def main(argv):
   def loops(k: int):
     shape = (k, config.train.batch_size, *factory.image_shape)
     batch = parallel.shard_steps(mesh, rng.uniform(-1, 1, shape).astype(np.float32))
-    noop = lambda step, t, state: None
+
+    def noop(step, t, state):
+      return None
 
     def loop_hooks():
       """train.py's per-step callbacks, fresh (they insist on consecutive steps): progress,
       metrics, sample grid; periods longer than the loop, so only their checks run."""
       report = periodic_actions.ReportProgress(num_train_steps=10**9, every_steps=10**9)
-      callback = lambda: periodic_actions.PeriodicCallback(every_steps=10**9, callback_fn=noop)
+
+      def callback():
+        return periodic_actions.PeriodicCallback(every_steps=10**9, callback_fn=noop)
+
       return [report, callback(), callback()]
 
     def dispatch(state, n):

@@ -71,7 +71,9 @@ def analyse(name: str, batch: int, dtype: str, remat: bool, compile_cpu: bool) -
   mesh = parallel.make_mesh(jax.devices()[:1])
   state = factory.abstract(mesh)
   images = factory.abstract_batch(mesh, batch)
-  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+  def nbytes(tree):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
   def loss(params, x):
     model_fn = models.model_fn(factory.model, params, dropout_rng=jax.random.key(0))

@@ -362,7 +362,10 @@ def _linear(x, sd, name):
 
 def _diffusers_resnet(sd, prefix, x, temb):
   """diffusers ResnetBlock2D on NCHW input, from its torch-layout tensors."""
-  get = lambda name: jnp.asarray(sd[f'{prefix}.{name}'])
+
+  def get(name):
+    return jnp.asarray(sd[f'{prefix}.{name}'])
+
   h = jax.nn.silu(_group_norm_nchw(x, get('norm1.weight'), get('norm1.bias')))
   h = _conv_nchw(h, get('conv1.weight'), get('conv1.bias'), 1)
   h = h + _linear(jax.nn.silu(temb), sd, f'{prefix}.time_emb_proj')[:, :, None, None]
@@ -391,7 +394,10 @@ def test_resnet_and_attention_blocks_match_the_torch_layout_math(small):
   rng = np.random.default_rng(5)
   x_nchw = jnp.asarray(rng.normal(size=(2, 32, 8, 8)), jnp.float32)
   temb = jnp.asarray(rng.normal(size=(2, 128)), jnp.float32)
-  to_nhwc = lambda a: np.asarray(a).transpose(0, 2, 3, 1)
+
+  def to_nhwc(a):
+    return np.asarray(a).transpose(0, 2, 3, 1)
+
   for sd, names in (
     (small['diffusers_a'], ('to_q', 'to_k', 'to_v', 'to_out.0')),
     (small['diffusers_b'], ('query', 'key', 'value', 'proj_attn')),

@@ -54,7 +54,10 @@ def test_other_schedules(kind, expected):
 
 def test_cosine_schedule():
   betas = diffusion.get_beta_schedule('cosine', **PAPER)
-  f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+
+  def f(t):
+    return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+
   alpha_bar = [f(t + 1) / f(0) for t in range(T)]
   np.testing.assert_allclose(cumprod_loop(betas)[:-1], alpha_bar[:-1], rtol=1e-9)
   assert betas.max() <= 0.999
@@ -79,7 +82,10 @@ def test_schedule_constants(paper_diffusion):
   ac_prev = np.concatenate([[1.0], ac[:-1]])
   post_var = betas * (1 - ac_prev) / (1 - ac)
   d = paper_diffusion
-  close = lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=2e-6)
+
+  def close(a, b):
+    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=2e-6)
+
   close(d.betas, betas)
   close(d.alphas_cumprod, ac)
   close(d.alphas_cumprod_prev, ac_prev)
@@ -214,7 +220,10 @@ def test_kl_loss_is_the_bound_term():
   x0 = jnp.linspace(-1, 1, 2 * 8).reshape(2, 8)
   noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
   t = jnp.array([0, 10])
-  model_fn = lambda x, t: 0.5 * x
+
+  def model_fn(x, t):
+    return 0.5 * x
+
   losses = d.training_losses(model_fn, x0, t, noise)
   xt = d.q_sample(x0, t, noise)
   terms, _ = d.vb_terms_bpd(model_fn(xt, t), x0, xt, t, clip_denoised=False)
@@ -301,7 +310,10 @@ def test_no_noise_at_the_last_step():
 
 def test_progressive_outputs():
   d = diffusion.GaussianDiffusion(paper_betas()[:100], 'eps', 'fixedlarge', 'mse')
-  model_fn = lambda x, t: 0.1 * x
+
+  def model_fn(x, t):
+    return 0.1 * x
+
   rng = jax.random.PRNGKey(4)
   x0, progress = d.p_sample_loop(model_fn, (2, 3), rng, progress_every=25)
   np.testing.assert_array_equal(progress['t'], [75, 50, 25, 0])

@@ -126,13 +126,15 @@ def test_train_epoch_is_the_process_share(dataset):
 def test_resumed_iterator_continues_the_uninterrupted_one(
   dataset, process_index, process_count, steps_per_call, starts
 ):
-  make = lambda start: train_iterator(
-    dataset,
-    steps_per_call=steps_per_call,
-    start_step=start,
-    process_index=process_index,
-    process_count=process_count,
-  )
+  def make(start):
+    return train_iterator(
+      dataset,
+      steps_per_call=steps_per_call,
+      start_step=start,
+      process_index=process_index,
+      process_count=process_count,
+    )
+
   reference = take(make(0), max(starts) + 3)
   assert reference[0].shape == (steps_per_call, 64 // process_count, 8, 8, 1)
   for start in starts:

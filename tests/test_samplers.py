@@ -83,7 +83,10 @@ def test_respaced_with_all_steps_is_the_original_bit_for_bit():
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(r.timestep_map, np.arange(T))
   rng = jax.random.PRNGKey(0)
-  sample = lambda p: jax.jit(lambda k: p.p_sample_loop(EPS_FN, (64, 4), k))(rng)
+
+  def sample(p):
+    return jax.jit(lambda k: p.p_sample_loop(EPS_FN, (64, 4), k))(rng)
+
   np.testing.assert_array_equal(sample(r), sample(d))
 
 
@@ -236,13 +239,19 @@ def test_ddim_reverse_then_sample_reconstructs_x0(num_steps, tol):
   d, steps = make(), iddpm_space_timesteps(T, num_steps)
   x0 = MU + S * jax.random.normal(jax.random.PRNGKey(6), (1024, 4))
   x_T = jax.jit(lambda x: d.ddim_reverse_loop(EPS_FN, x, num_steps=num_steps))(x0)
-  decode = lambda x: d.ddim_sample_loop(
-    EPS_FN, x.shape, jax.random.PRNGKey(0), num_steps=num_steps, x_T=x, clip_denoised=False
-  )
+
+  def decode(x):
+    return d.ddim_sample_loop(
+      EPS_FN, x.shape, jax.random.PRNGKey(0), num_steps=num_steps, x_T=x, clip_denoised=False
+    )
+
   x0_back = jax.jit(decode)(x_T)
   x0_64, x_T_64 = np.asarray(x0, np.float64), np.asarray(x_T, np.float64)
   slope, offset = ddim_encoder_map(AC, steps)
-  ddim_64 = lambda x: sampler_moments(AC, steps, sampler='ddim', start=(x, 0.0))[0]
+
+  def ddim_64(x):
+    return sampler_moments(AC, steps, sampler='ddim', start=(x, 0.0))[0]
+
   np.testing.assert_allclose(x_T, slope * x0_64 + offset, atol=1e-4)
   np.testing.assert_allclose(x0_back, ddim_64(x_T_64), atol=1e-4)
   err, predicted = np.abs(x0_back - x0_64), np.abs(ddim_64(slope * x0_64 + offset) - x0_64)
@@ -271,9 +280,12 @@ def test_ddim_works_for_every_mean_type(mean_type):
     return d.q_posterior_mean_variance(x0, x, t)[0]
 
   rng, shape = jax.random.PRNGKey(7), (512, 4)
-  run = lambda p, f: jax.jit(
-    lambda k: p.ddim_sample_loop(f, shape, k, num_steps=num_steps, clip_denoised=False)
-  )(rng)
+
+  def run(p, f):
+    return jax.jit(
+      lambda k: p.ddim_sample_loop(f, shape, k, num_steps=num_steps, clip_denoised=False)
+    )(rng)
+
   err = float(jnp.max(jnp.abs(run(d, model_fn) - run(d_eps, EPS_FN))))
   assert err < 1e-4, err  # float32 rounding of the conversions: measured <= 4.8e-6
 

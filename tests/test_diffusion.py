@@ -308,36 +308,38 @@ def test_no_noise_at_the_last_step():
     np.testing.assert_array_equal(x0, c)
 
 
-def test_progressive_outputs():
-  d = diffusion.GaussianDiffusion(paper_betas()[:100], 'eps', 'fixedlarge', 'mse')
+def shrinking_model(x, t):
+  """A stand-in network: ε_θ(x_t, t) = 0.1 x_t."""
+  return 0.1 * x
 
-  def model_fn(x, t):
-    return 0.1 * x
 
+@pytest.fixture(scope='module')
+def short_diffusion() -> diffusion.GaussianDiffusion:
+  return diffusion.GaussianDiffusion(paper_betas()[:100], 'eps', 'fixedlarge', 'mse')
+
+
+def test_progressive_outputs(short_diffusion):
+  d = short_diffusion
   rng = jax.random.PRNGKey(4)
-  x0, progress = d.p_sample_loop(model_fn, (2, 3), rng, progress_every=25)
+  x0, progress = d.p_sample_loop(shrinking_model, (2, 3), rng, progress_every=25)
   np.testing.assert_array_equal(progress['t'], [75, 50, 25, 0])
   assert progress['x_t'].shape == (4, 2, 3) and progress['pred_xstart'].shape == (4, 2, 3)
   np.testing.assert_array_equal(progress['x_t'][-1], x0)
-  np.testing.assert_array_equal(x0, d.p_sample_loop(model_fn, (2, 3), rng))
+  np.testing.assert_array_equal(x0, d.p_sample_loop(shrinking_model, (2, 3), rng))
   with pytest.raises(ValueError, match='must divide'):
-    d.p_sample_loop(model_fn, (2, 3), rng, progress_every=30)
+    d.p_sample_loop(shrinking_model, (2, 3), rng, progress_every=30)
 
 
-def test_the_chain_from_any_step_finishes_algorithm_2():
+def test_the_chain_from_any_step_finishes_algorithm_2(short_diffusion):
   """``p_sample_loop_from(x_t, t)`` with the chain's key ends where ``p_sample_loop`` ends."""
-  d = diffusion.GaussianDiffusion(paper_betas()[:100], 'eps', 'fixedlarge', 'mse')
-
-  def model_fn(x, t):
-    return 0.1 * x
-
+  d = short_diffusion
   rng = jax.random.PRNGKey(9)
-  x0, progress = d.p_sample_loop(model_fn, (2, 3), rng, progress_every=25)
+  x0, progress = d.p_sample_loop(shrinking_model, (2, 3), rng, progress_every=25)
   x_T = jax.random.normal(jax.random.fold_in(rng, 100), (2, 3))
-  np.testing.assert_array_equal(d.p_sample_loop_from(model_fn, x_T, 99, rng), x0)
+  np.testing.assert_array_equal(d.p_sample_loop_from(shrinking_model, x_T, 99, rng), x0)
   # progress['x_t'][0] is the sample after code steps 99..75: the input of step 74.
   rest, rest_progress = d.p_sample_loop_from(
-    model_fn, progress['x_t'][0], 74, rng, progress_every=25
+    shrinking_model, progress['x_t'][0], 74, rng, progress_every=25
   )
   np.testing.assert_array_equal(rest, x0)
   np.testing.assert_array_equal(rest_progress['t'], [50, 25, 0])

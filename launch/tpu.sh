@@ -70,19 +70,26 @@ dry_run=0
 scope=()  # --zone=... [--project=...], for every gcloud command
 
 # --- remote scripts ---------------------------------------------------------------------------
-# Each runs in bash on the workers (ssh --command), after `set -euo pipefail` and the assignments
-# that remote_script() puts in front (values quoted with printf %q).
+# Each runs in bash on the workers (ssh --command), after `set -euo pipefail`, the assignments
+# that remote_script() puts in front (values quoted with printf %q) and WORKER_BODY.
 
 # Reads a here-document into the variable $1 (read -d '' stops at the end: status 1).
 heredoc() { IFS= read -r -d '' "$1" || true; }
 
+# What every remote script knows: the code, this host's training log, the run's process group.
+heredoc WORKER_BODY <<'EOF'
+dir=$HOME/diffusion_jax
+host=$(hostname)
+log=$dir/logs/train_$host.log
+pidfile=$dir/logs/train.pid
+# Whether the run that train started is alive (its process group, named in $pidfile).
+run_alive() { [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; }
+EOF
+
 # Sets: commit.
 heredoc PUSH_BODY <<'EOF'
-dir=$HOME/diffusion_jax
 archive=$HOME/diffusion_jax.tar.gz
-host=$(hostname)
-pidfile=$dir/logs/train.pid
-if [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; then
+if run_alive; then
   echo "$host: a run is in progress: launch/tpu.sh stop first" >&2
   exit 1
 fi
@@ -96,8 +103,6 @@ EOF
 
 # Sets: lock (the lock file of python_version), lock_sum (its sha1 on the laptop), python_version.
 heredoc SETUP_BODY <<'EOF'
-dir=$HOME/diffusion_jax
-host=$(hostname)
 cd "$dir" 2>/dev/null || { echo "$host: no $dir: run launch/tpu.sh push first" >&2; exit 1; }
 if [[ ! -f $lock ]] || [[ $(sha1sum < "$lock" | cut -c1-40) != "$lock_sum" ]]; then
   echo "$host: $dir/$lock is not the local checkout's: run launch/tpu.sh push first" >&2
@@ -151,15 +156,11 @@ copy_log() {
   esac
 }
 
-dir=$HOME/diffusion_jax
-host=$(hostname)
-log=$dir/logs/train_$host.log
-pidfile=$dir/logs/train.pid
 if [[ ! -x $dir/.venv/bin/python ]]; then
   echo "$host: no $dir/.venv: run launch/tpu.sh push, then launch/tpu.sh setup" >&2
   exit 1
 fi
-if [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; then
+if run_alive; then
   echo "$host: a run is in progress (process group $(cat "$pidfile")): launch/tpu.sh stop first" >&2
   exit 1
 fi
@@ -179,8 +180,6 @@ EOF
 
 # Sets: lines, follow, prefix.
 heredoc LOGS_BODY <<'EOF'
-host=$(hostname)
-log=$HOME/diffusion_jax/logs/train_$host.log
 if [[ ! -f $log ]]; then
   echo "$host: no training log yet ($log)" >&2
   exit 1
@@ -193,9 +192,6 @@ fi
 EOF
 
 heredoc STATUS_BODY <<'EOF'
-dir=$HOME/diffusion_jax
-host=$(hostname)
-log=$dir/logs/train_$host.log
 {
   echo "code: commit $(cat "$dir/COMMIT" 2>/dev/null || echo 'none (launch/tpu.sh push)')"
   # The brackets keep this shell, whose command line holds the pattern, out of the match.
@@ -213,32 +209,28 @@ EOF
 
 # Sets: grace.
 heredoc STOP_BODY <<'EOF'
-host=$(hostname)
-pidfile=$HOME/diffusion_jax/logs/train.pid
-if [[ -s $pidfile ]]; then
+if run_alive; then
   group=$(cat "$pidfile")
-  if kill -0 -- "-$group" 2>/dev/null; then
-    echo "$host: SIGTERM to the run (process group $group): it saves a checkpoint and exits"
-    kill -TERM -- "-$group" 2>/dev/null || true
-    for ((i = 0; i < grace; i++)); do
-      kill -0 -- "-$group" 2>/dev/null || break
-      sleep 1
-    done
-    if kill -0 -- "-$group" 2>/dev/null; then
-      echo "$host: still running after ${grace}s: SIGKILL"
-      kill -KILL -- "-$group" 2>/dev/null || true
-    fi
+  echo "$host: SIGTERM to the run (process group $group): it saves a checkpoint and exits"
+  kill -TERM -- "-$group" 2>/dev/null || true
+  for ((i = 0; i < grace; i++)); do
+    run_alive || break
+    sleep 1
+  done
+  if run_alive; then
+    echo "$host: still running after ${grace}s: SIGKILL"
+    kill -KILL -- "-$group" 2>/dev/null || true
   fi
-  rm -f "$pidfile"
 fi
+rm -f "$pidfile"
 read -ra left <<< "$(pgrep -f '[d]iffusion_jax[.]main' | tr '\n' ' ' || true)"
 if ((${#left[@]})); then
   echo "$host: SIGKILL to trainers started otherwise: ${left[*]}"
   kill -KILL "${left[@]}" 2>/dev/null || true
 fi
-# The TPU chips: /dev/accel* (v2-v4, v5p), /dev/vfio/* (v5e, v6e).
-shopt -s nullglob
-chips=(/dev/accel* /dev/vfio/[0-9]*)
+# The TPU chips' device files (/dev/accel*, /dev/vfio/N), as the pushed code lists them; none
+# without it.
+read -ra chips <<< "$(python3 "$dir/diffusion_jax/accelerator.py" --tpu-chips 2>/dev/null || true)"
 if ((${#chips[@]})); then
   read -ra holders <<< "$({ sudo lsof -t "${chips[@]}" 2>/dev/null \
     || sudo fuser "${chips[@]}" 2>/dev/null; } | tr -s ' \n' ' ' || true)"
@@ -290,7 +282,8 @@ run() {
   fi
 }
 
-# The complete script for the workers: strict mode, the assignments NAME=VALUE (quoted), BODY.
+# The complete script for the workers: strict mode, the assignments NAME=VALUE (quoted),
+# WORKER_BODY, BODY.
 remote_script() {
   local body=$1 assignment
   shift
@@ -298,7 +291,7 @@ remote_script() {
   for assignment in "$@"; do
     printf '%s=%q\n' "${assignment%%=*}" "${assignment#*=}"
   done
-  printf '%s' "$body"
+  printf '%s%s' "$WORKER_BODY" "$body"
 }
 
 # ssh_workers WORKER NAME SCRIPT: runs SCRIPT on worker WORKER (a number or all), in the login

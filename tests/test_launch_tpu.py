@@ -37,6 +37,17 @@ if name == 'uv' and argv[:1] == ['venv']:
   python.symlink_to(pathlib.Path(sys.argv[0]).with_name('python'))
 if name == 'pgrep':
   sys.exit(1)
+if name == 'sudo' and argv[:2] == ['lsof', '-t']:
+  print(os.environ.get('FAKE_TPU_HOLDERS', ''))
+if name == 'python3' and argv[:1] and argv[0].endswith('accelerator.py'):
+  # The real program, with the device files /dev/... looked up in $FAKE_DEV.
+  import glob, runpy
+  dev, real_glob = os.environ.get('FAKE_DEV', '/nonexistent'), glob.glob
+  glob.glob = lambda p: [
+    '/dev/' + os.path.relpath(f, dev) for f in real_glob(p.replace('/dev', dev, 1))
+  ]
+  sys.argv = argv
+  runpy.run_path(argv[0], run_name='__main__')
 """
 
 # The trainer: .venv/bin/python of the fake worker. Records its argv, environment and folder,
@@ -458,6 +469,33 @@ def test_stop_ends_a_detached_run_and_frees_the_tpu(tmp_path, laptop, worker):
   assert 'SIGTERM: saved a checkpoint' in log and 'exit status 0' in log
   assert copy.read_text() == log
   assert ['sudo', 'rm', '-f', '/tmp/libtpu_lockfile'] in worker.calls()
+
+
+@pytest.mark.parametrize('pushed', [True, False])
+def test_stop_kills_the_holders_of_the_chips_that_accelerator_py_lists(
+  tmp_path, laptop, worker, pushed
+):
+  dev = tmp_path / 'dev'
+  for name in ('accel0', 'accel1', 'vfio/0', 'vfio/vfio', 'nvidia0'):
+    (dev / name).parent.mkdir(parents=True, exist_ok=True)
+    (dev / name).touch()
+  if pushed:  # the code on the worker has the helper
+    (worker.code / 'diffusion_jax').mkdir()
+    shutil.copy(REPO / 'diffusion_jax' / 'accelerator.py', worker.code / 'diffusion_jax')
+  laptop.tpu('stop')
+  (call,) = laptop.calls()
+  out = worker.run(command_of(call), env={'FAKE_DEV': str(dev), 'FAKE_TPU_HOLDERS': '41 42'}).stdout
+  assert 'TPU free' in out
+  helper = ['python3', f'{worker.code}/diffusion_jax/accelerator.py', '--tpu-chips']
+  sudo = [c for c in worker.calls() if c[0] == 'sudo']
+  assert helper in worker.calls()
+  if pushed:
+    assert sudo[:2] == [
+      ['sudo', 'lsof', '-t', '/dev/accel0', '/dev/accel1', '/dev/vfio/0'],
+      ['sudo', 'kill', '-KILL', '41', '42'],
+    ]
+  assert sudo[-1] == ['sudo', 'rm', '-f', '/tmp/libtpu_lockfile']
+  assert len(sudo) == (3 if pushed else 1)
 
 
 LIFECYCLE = [

@@ -80,6 +80,7 @@ heredoc() { IFS= read -r -d '' "$1" || true; }
 heredoc WORKER_BODY <<'EOF'
 dir=$HOME/diffusion_jax
 host=$(hostname)
+# shellcheck disable=SC2034  # not every script reads the log
 log=$dir/logs/train_$host.log
 pidfile=$dir/logs/train.pid
 # Whether the run that train started is alive (its process group, named in $pidfile).

@@ -2,14 +2,22 @@
 # Trains diffusion_jax on a Cloud TPU VM, from a single-host v3-8 up to multi-host pod slices, from
 # a laptop with the Google Cloud SDK. Walk-through: docs/cloud_tpu.md.
 #
-# Usage: launch/tpu.sh [--tpu NAME] [--zone ZONE] [--project P] [--dry-run] COMMAND [ARGS...]
+# Usage: launch/tpu.sh [--tpu NAME] [--zone ZONE] [--project P]
+#                      [--internal-ip | --tunnel-through-iap] [--dry-run] COMMAND [ARGS...]
 #
 # Global options (before COMMAND), or the environment variable named on the right:
-#   --tpu NAME      TPU_NAME  the TPU VM (with --queued also the queued resource)  required
-#   --zone ZONE     ZONE      its zone, e.g. us-central1-a, europe-west4-a          required
-#   --project P     PROJECT   the project (default: gcloud's core/project)
-#   --dry-run                 print every command, one per line, shell-quoted, and run nothing
-#   -h, --help                this text
+#   --tpu NAME            TPU_NAME                  the TPU VM (with --queued also the queued
+#                                                   resource); required
+#   --zone ZONE           ZONE                      its zone, e.g. us-central1-a; required
+#   --project P           PROJECT                   the project (default: gcloud's core/project)
+#   --internal-ip         TPU_INTERNAL_IP=1         ssh and scp to the workers' internal IPs (a
+#                                                   TPU created with `-- --internal-ips`, from a
+#                                                   machine in its network or VPN)
+#   --tunnel-through-iap  TPU_TUNNEL_THROUGH_IAP=1  ssh and scp through Identity-Aware Proxy (no
+#                                                   external IP needed; gcloud's alpha commands)
+#   --dry-run                                       print every command, one per line,
+#                                                   shell-quoted, and run nothing
+#   -h, --help                                      this text
 #
 # Commands, in the order of a run:
 #   create --accelerator-type TYPE [--version RUNTIME] [--spot] [--queued] [-- GCLOUD_FLAGS...]
@@ -66,8 +74,12 @@ tpu=${TPU_NAME:-}
 zone=${ZONE:-}
 python_version=${PYTHON_VERSION:-3.13}  # the main line of requirements.txt
 project=${PROJECT:-}
+internal_ip=${TPU_INTERNAL_IP:-0}
+iap=${TPU_TUNNEL_THROUGH_IAP:-0}
 dry_run=0
-scope=()  # --zone=... [--project=...], for every gcloud command
+scope=()   # --zone=... [--project=...], for every gcloud command
+remote=()  # gcloud [alpha] compute tpus tpu-vm, for ssh and scp (alpha: through IAP)
+reach=()   # --internal-ip or --tunnel-through-iap, for ssh and scp
 
 # --- remote scripts ---------------------------------------------------------------------------
 # Each runs in bash on the workers (ssh --command), after `set -euo pipefail`, the assignments
@@ -215,10 +227,10 @@ if run_alive; then
   echo "$host: SIGTERM to the run (process group $group): it saves a checkpoint and exits"
   kill -TERM -- "-$group" 2>/dev/null || true
   for ((i = 0; i < grace; i++)); do
-    run_alive || break
+    kill -0 -- "-$group" 2>/dev/null || break  # the whole group: the runner outlives the pidfile
     sleep 1
   done
-  if run_alive; then
+  if kill -0 -- "-$group" 2>/dev/null; then
     echo "$host: still running after ${grace}s: SIGKILL"
     kill -KILL -- "-$group" 2>/dev/null || true
   fi
@@ -295,13 +307,26 @@ remote_script() {
   printf '%s%s' "$WORKER_BODY" "$body"
 }
 
-# ssh_workers WORKER NAME SCRIPT: runs SCRIPT on worker WORKER (a number or all), in the login
-# shell of the TPU VM's users, bash (gcloud's users are made with /bin/bash).
+# ssh_command WORKER: in the array ssh, the gcloud command (to add --command=...) that runs a
+# command on worker WORKER (a number or all) in the login shell of the TPU VM's users, bash
+# (gcloud's users are made with /bin/bash).
+ssh_command() {
+  ssh=("${remote[@]}" ssh "$tpu" "${scope[@]}" --worker="$1" ${reach[@]+"${reach[@]}"})
+}
+
+# ssh_workers WORKER NAME SCRIPT: runs SCRIPT on worker WORKER; fails if it fails on any worker
+# (gcloud's status).
 ssh_workers() {
-  local worker=$1 name=$2 script=$3 shown
-  shown="gcloud compute tpus tpu-vm ssh $tpu $(quote "${scope[@]}") --worker=$worker"
-  run "$shown --command=<the $name script; --dry-run prints it>" \
-    gcloud compute tpus tpu-vm ssh "$tpu" "${scope[@]}" --worker="$worker" --command="$script"
+  local worker=$1 name=$2 script=$3 where status=0
+  ssh_command "$worker"
+  run "$(quote "${ssh[@]}") --command=<the $name script; --dry-run prints it>" \
+    "${ssh[@]}" --command="$script" || status=$?
+  if ((status)); then
+    where="worker $worker"
+    [[ $worker != all ]] || where='at least one worker'
+    fail "$name failed on $where (gcloud ssh --worker=$worker: exit status $status); the" \
+      "workers' messages are above"
+  fi
 }
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || usage_error "$1 needs a value"; }
@@ -392,8 +417,8 @@ cmd_push() {
     archive=$tmp/diffusion_jax.tar.gz
   fi
   run '' git -C "$REPO_ROOT" archive --format=tar.gz -o "$archive" "$commit"
-  run '' gcloud compute tpus tpu-vm scp "$archive" "$tpu:~/diffusion_jax.tar.gz" --worker=all \
-    "${scope[@]}"
+  run '' "${remote[@]}" scp "$archive" "$tpu:~/diffusion_jax.tar.gz" --worker=all "${scope[@]}" \
+    ${reach[@]+"${reach[@]}"}
   ssh_workers all push "$(remote_script "$PUSH_BODY" "commit=$commit")"
 }
 
@@ -502,6 +527,8 @@ main() {
       --zone=*) zone=${1#*=} ;;
       --project) need_value "$@"; project=$2; shift ;;
       --project=*) project=${1#*=} ;;
+      --internal-ip) internal_ip=1 ;;
+      --tunnel-through-iap) iap=1 ;;
       --dry-run) dry_run=1 ;;
       -h | --help | help) usage; exit 0 ;;
       -*) usage_error "unknown option $1 (see --help)" ;;
@@ -522,8 +549,19 @@ main() {
   fi
   [[ -n $tpu ]] || usage_error 'no TPU name: pass --tpu NAME or set TPU_NAME'
   [[ -n $zone ]] || usage_error 'no zone: pass --zone ZONE (e.g. us-central1-a) or set ZONE'
+  [[ $internal_ip == [01] ]] || usage_error "TPU_INTERNAL_IP is 1 or 0, not $internal_ip"
+  [[ $iap == [01] ]] || usage_error "TPU_TUNNEL_THROUGH_IAP is 1 or 0, not $iap"
   scope=(--zone="$zone")
   [[ -z $project ]] || scope+=(--project="$project")
+  remote=(gcloud compute tpus tpu-vm)
+  if ((internal_ip && iap)); then
+    usage_error '--internal-ip and --tunnel-through-iap exclude each other'
+  elif ((internal_ip)); then
+    reach=(--internal-ip)
+  elif ((iap)); then
+    remote=(gcloud alpha compute tpus tpu-vm)  # the GA ssh and scp have no --tunnel-through-iap
+    reach=(--tunnel-through-iap)
+  fi
   "cmd_$command" "$@"
 }
 

@@ -19,6 +19,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'launch' / 'tpu.sh'
 ZONE = 'us-central1-a'
 TUPLE = '--config.model.ch_mult=(1,1,2,2,4,4)'
+# The launcher's settings in the environment: the tests' own environment must not set them.
+SETTINGS = {'TPU_NAME', 'ZONE', 'PROJECT', 'PYTHON_VERSION', 'LOG_SYNC_SECONDS'}
+SETTINGS |= {'TPU_INTERNAL_IP', 'TPU_TUNNEL_THROUGH_IAP'}
 
 # Every stand-in is this one program under another name: it appends [name, *argv] to $FAKE_LOG.
 RECORDER = f"""#!{sys.executable}
@@ -112,11 +115,7 @@ class Laptop:
       write_program(self.bin / name, RECORDER)
     write_program(self.bin / 'python', RECORDER)  # the venv python that the fake uv makes
     self.log = tmp_path / 'gcloud.jsonl'
-    self.env = {
-      k: v
-      for k, v in os.environ.items()
-      if k not in ('TPU_NAME', 'ZONE', 'PROJECT', 'LOG_SYNC_SECONDS', 'PYTHON_VERSION')
-    }
+    self.env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     self.env.update(PATH=f'{self.bin}{os.pathsep}{os.environ["PATH"]}', FAKE_LOG=str(self.log))
 
   def run(self, *args: str, code: int = 0, env: dict | None = None, cwd=None):
@@ -542,6 +541,46 @@ def test_dry_run_prints_the_lifecycle_and_runs_nothing(tmp_path, repo, accelerat
     command_of(printed['train'][0])
   )
   assert printed['delete'] == [tpu_vm + ['delete', 't', f'--zone={ZONE}', '--quiet']]
+
+
+GA, ALPHA = (
+  ['gcloud', 'compute', 'tpus', 'tpu-vm'],
+  ['gcloud', 'alpha', 'compute', 'tpus', 'tpu-vm'],
+)
+
+
+@pytest.mark.parametrize(
+  'option, env, remote, flag',
+  [
+    ('--internal-ip', {}, GA, '--internal-ip'),
+    (None, {'TPU_INTERNAL_IP': '1'}, GA, '--internal-ip'),
+    ('--tunnel-through-iap', {}, ALPHA, '--tunnel-through-iap'),
+    (None, {'TPU_TUNNEL_THROUGH_IAP': '1'}, ALPHA, '--tunnel-through-iap'),
+  ],
+)
+def test_every_ssh_and_scp_can_reach_a_tpu_without_an_external_ip(
+  tmp_path, repo, option, env, remote, flag
+):
+  laptop = Laptop(tmp_path, repo / 'launch' / 'tpu.sh')
+  options = [option] if option else []
+  reaching = 0
+  for step in LIFECYCLE:
+    args = ['v3-8' if a is None else a for a in step]
+    for line in laptop.tpu(*options, '--dry-run', *args, env=env).stdout.splitlines():
+      words = split_words(line)
+      if words[0] != 'gcloud':
+        continue
+      if 'ssh' in words or 'scp' in words:
+        assert words[: len(remote)] == remote and flag in words, words
+        reaching += 1
+      else:  # create, describe, delete: the API, not the VM
+        assert words[:4] == GA and flag not in words, words
+  assert reaching == 7  # push: scp and ssh; setup, train, status, logs, stop: ssh
+  err = laptop.tpu('--internal-ip', '--tunnel-through-iap', 'status', code=2).stderr
+  assert 'exclude each other' in err
+  assert (
+    'TPU_INTERNAL_IP is 1 or 0' in laptop.tpu('status', env={'TPU_INTERNAL_IP': 'y'}, code=2).stderr
+  )
 
 
 @pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed')

@@ -44,12 +44,15 @@
 #       passed as they are (--config.model.ch_mult='(1,1,2,2,4,4)', --nodistributed, ...).
 #       WORKDIR must be gs://BUCKET/... on a multi-host slice. The log of each host is
 #       ~/diffusion_jax/logs/train_<hostname>.log there, copied to WORKDIR/logs/ every
-#       LOG_SYNC_SECONDS (60) seconds and at exit. The same command again resumes the run.
+#       LOG_SYNC_SECONDS (60) seconds and at exit (a copy that fails is reported once in the
+#       log, with the fix; status shows it). It fails, with the end of the log, if the run
+#       ends with an error within START_CHECK_SECONDS (10). The same command again resumes
+#       the run.
 #   logs [--worker N|all] [--follow] [--lines N]
 #       The last N (100) lines of a worker's (0) training log; --follow keeps following it.
 #   status
 #       The TPU (gcloud describe), then on every worker: the pushed commit, the training
-#       processes and the last lines of the log.
+#       processes, failed log copies and the last lines of the log.
 #   stop [--grace SECONDS]
 #       On every worker: SIGTERM to the run (it saves a checkpoint and exits, as on a
 #       preemption), SIGKILL after SECONDS (120), then any process still holding the TPU,
@@ -97,6 +100,10 @@ log=$dir/logs/train_$host.log
 pidfile=$dir/logs/train.pid
 # Whether the run that train started is alive (its process group, named in $pidfile).
 run_alive() { [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; }
+# The latest run's lines of the log: from the header that train writes on.
+latest_run() {
+  awk '/^=== .*, commit .*: python /{n = 0} {line[n++] = $0} END {for (i = 0; i < n; i++) print line[i]}' "$log"
+}
 EOF
 
 # Sets: commit.
@@ -136,7 +143,7 @@ print("Python", sys.version.split()[0], "jax", v("jax"), "libtpu", v("libtpu"))'
   | sed "s/^/$host: ready: /"
 EOF
 
-# Sets: workdir, args (the arguments of python), log_sync_seconds.
+# Sets: workdir, args (the arguments of python), log_sync_seconds, start_check_seconds.
 heredoc TRAIN_BODY <<'EOF'
 # Runs in its own session (setsid): the trainer with its output appended to $log, the log copied
 # to $dest every $interval seconds and at the end. SIGTERM (stop, preemption) goes to the
@@ -158,16 +165,36 @@ runner() {
   done
   wait "$py" && rc=0 || rc=$?
   echo "=== $(date -u +%FT%TZ) exit status $rc" >> "$log"
-  copy_log "$log" "$dest" || echo "=== could not copy this log to $dest" >> "$log"
+  copy_log "$log" "$dest" || true
   rm -f "$pidfile"
   return "$rc"
 }
+# Copies the log $1 to $2. The first failure (copy_failed) is reported in the log itself, with
+# gcloud's error and the fix; status shows it.
 copy_log() {
+  local error bucket account
   case $2 in
-    gs://*) gcloud storage cp --quiet "$1" "$2" > /dev/null 2>&1 ;;
-    *) mkdir -p "$(dirname "$2")" && cp "$1" "$2" ;;
+    gs://*) error=$(gcloud storage cp --quiet "$1" "$2" 2>&1 > /dev/null) && return 0 ;;
+    *) error=$({ mkdir -p "$(dirname "$2")" && cp "$1" "$2"; } 2>&1) && return 0 ;;
   esac
+  ((copy_failed)) && return 1
+  copy_failed=1
+  {
+    echo "=== log copy: FAILED, this log cannot be copied to $2 (reported once):"
+    echo "=== log copy:   ${error//$'\n'/$'\n'=== log copy:   }"
+    if [[ $2 == gs://* ]]; then
+      bucket=${2#gs://}
+      account=$(gcloud config get-value account 2>/dev/null) || true
+      echo "=== log copy: fix: let the VM's service account write the bucket (docs/cloud_tpu.md," \
+        "section 3):"
+      echo "=== log copy:   gcloud storage buckets add-iam-policy-binding gs://${bucket%%/*}" \
+        "--member=serviceAccount:${account:-SERVICE_ACCOUNT} --role=roles/storage.objectAdmin"
+    fi
+  } >> "$1"
+  return 1
 }
+# The exit status that the runner wrote after line $start of the log (empty while it runs).
+exit_status() { sed -n "$((start + 1)),\$ s/^=== .* exit status \([0-9]*\)\$/\1/p" "$log"; }
 
 if [[ ! -x $dir/.venv/bin/python ]]; then
   echo "$host: no $dir/.venv: run launch/tpu.sh push, then launch/tpu.sh setup" >&2
@@ -184,11 +211,26 @@ mkdir -p logs
   printf ' %q' python "${args[@]}"
   echo
 } >> "$log"
+start=$(wc -l < "$log")
 JAX_PLATFORMS=tpu TF_CPP_MIN_LOG_LEVEL=2 setsid nohup bash -c \
-  "$(declare -f runner copy_log)"'; runner "$@"' runner \
+  "$(declare -f runner copy_log)"'; copy_failed=0; runner "$@"' runner \
   "$pidfile" "$log" "${workdir%/}/logs/train_$host.log" "$log_sync_seconds" \
   "$dir/.venv/bin/python" "${args[@]}" > /dev/null 2>&1 < /dev/null &
-echo "$host: training in the background, log $log"
+# A run that ends within start_check_seconds (a bad flag, a busy TPU) fails this command.
+for ((i = 0; i < 5 * start_check_seconds; i++)); do
+  [[ -z $(exit_status) ]] || break
+  sleep 0.2
+done
+status=$(exit_status)
+if [[ -z $status ]] && run_alive; then
+  echo "$host: training in the background, log $log"
+elif [[ ${status:=$(exit_status)} == 0 ]]; then
+  echo "$host: the run ended at once, with exit status 0 (complete already?); log $log"
+else
+  echo "$host: the run ended at once, with exit status ${status:-unknown}; the end of $log:" >&2
+  tail -n 20 "$log" >&2
+  exit 1
+fi
 EOF
 
 # Sets: lines, follow, prefix.
@@ -214,6 +256,7 @@ heredoc STATUS_BODY <<'EOF'
     echo 'training: not running'
   fi
   if [[ -f $log ]]; then
+    latest_run | grep '^=== log copy: ' || true  # copies to WORKDIR/logs/ that failed
     echo "last lines of $log:"
     tail -n 5 "$log"
   fi
@@ -437,17 +480,20 @@ cmd_setup() {
 }
 
 cmd_train() {
-  local config workdir args arg prelude
+  local config workdir args arg prelude start_check_seconds=${START_CHECK_SECONDS:-10}
   if [[ $# -lt 2 || $1 == -* || $2 == -* ]]; then
     usage_error 'train needs CONFIG WORKDIR [FLAGS...] (e.g. configs/cifar10.py gs://BUCKET/cifar10)'
   fi
   config=$1 workdir=$2
   shift 2
+  [[ $start_check_seconds =~ ^[0-9]+$ ]] \
+    || usage_error "START_CHECK_SECONDS takes seconds, not $start_check_seconds"
   [[ $workdir == gs://* ]] || note "WORKDIR $workdir is a folder on each host: fine on one host;" \
     "a multi-host slice needs gs://BUCKET/... (one checkpoint directory for all hosts)"
   args=(-m diffusion_jax.main --config="$config" --workdir="$workdir" --distributed
     --jax_compilation_cache_dir="${workdir%/}/jax_cache" "$@")
-  prelude=$(remote_script '' "workdir=$workdir" "log_sync_seconds=${LOG_SYNC_SECONDS:-60}")
+  prelude=$(remote_script '' "workdir=$workdir" "log_sync_seconds=${LOG_SYNC_SECONDS:-60}" \
+    "start_check_seconds=$start_check_seconds")
   prelude+=$'\nargs=('
   for arg in "${args[@]}"; do
     prelude+=$(printf ' %q' "$arg")

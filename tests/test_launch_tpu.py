@@ -20,7 +20,14 @@ SCRIPT = REPO / 'launch' / 'tpu.sh'
 ZONE = 'us-central1-a'
 TUPLE = '--config.model.ch_mult=(1,1,2,2,4,4)'
 # The launcher's settings in the environment: the tests' own environment must not set them.
-SETTINGS = {'TPU_NAME', 'ZONE', 'PROJECT', 'PYTHON_VERSION', 'LOG_SYNC_SECONDS'}
+SETTINGS = {
+  'TPU_NAME',
+  'ZONE',
+  'PROJECT',
+  'PYTHON_VERSION',
+  'LOG_SYNC_SECONDS',
+  'START_CHECK_SECONDS',
+}
 SETTINGS |= {'TPU_INTERNAL_IP', 'TPU_TUNNEL_THROUGH_IAP'}
 
 # Every stand-in is this one program under another name: it appends [name, *argv] to $FAKE_LOG.
@@ -40,6 +47,10 @@ if name == 'uv' and argv[:1] == ['venv']:
   python.symlink_to(pathlib.Path(sys.argv[0]).with_name('python'))
 if name == 'pgrep':
   sys.exit(1)
+if name == 'gcloud' and argv[:2] == ['storage', 'cp'] and os.environ.get('FAKE_STORAGE_ERROR'):
+  sys.exit(os.environ['FAKE_STORAGE_ERROR'])  # to stderr, status 1
+if name == 'gcloud' and argv[:3] == ['config', 'get-value', 'account']:
+  print('tpu-sa@p.iam.gserviceaccount.com')
 if name == 'sudo' and argv[:2] == ['lsof', '-t']:
   print(os.environ.get('FAKE_TPU_HOLDERS', ''))
 if name == 'python3' and argv[:1] and argv[0].endswith('accelerator.py'):
@@ -54,7 +65,8 @@ if name == 'python3' and argv[:1] and argv[0].endswith('accelerator.py'):
 """
 
 # The trainer: .venv/bin/python of the fake worker. Records its argv, environment and folder,
-# prints a line, and with FAKE_TRAINER_WAIT waits for SIGTERM (at most 30 s), as a run does.
+# prints a line, and with FAKE_TRAINER_WAIT waits for SIGTERM (at most 30 s), as a run does;
+# FAKE_TRAINER_EXIT=N: fails at once with status N instead.
 TRAINER = f"""#!{sys.executable}
 import json, os, signal, sys, time
 stop = []
@@ -66,6 +78,9 @@ record = {{
 }}
 with open(os.environ['FAKE_TRAINER_OUT'], 'w') as f:
   json.dump(record, f)
+if os.environ.get('FAKE_TRAINER_EXIT'):
+  print('error: --config.bogus: no such setting', flush=True)
+  sys.exit(int(os.environ['FAKE_TRAINER_EXIT']))
 print('step 1, loss 0.5', flush=True)
 if os.environ.get('FAKE_TRAINER_WAIT'):
   deadline = time.time() + 30
@@ -170,6 +185,8 @@ class Worker:
     return proc
 
   def calls(self) -> list[list[str]]:
+    if not self.log.exists():
+      return []
     return [json.loads(line) for line in self.log.read_text().splitlines()]
 
   def train_log(self) -> pathlib.Path:
@@ -392,8 +409,10 @@ def test_setup_refuses_an_unsupported_python(laptop):
   assert laptop.calls() == []
 
 
-def start_training(laptop, worker, workdir, *flags, env=None):
-  """launch/tpu.sh train on the fake worker; returns the remote command."""
+def start_training(laptop, worker, workdir, *flags, env=None, code=0):
+  """launch/tpu.sh train on the fake worker, checking the start for 1 s; returns the remote
+  command and what it printed."""
+  env = {'START_CHECK_SECONDS': '1', **(env or {})}
   write_program(worker.code / '.venv/bin/python', TRAINER)
   (worker.code / 'COMMIT').write_text('abc123\n')
   laptop.tpu('train', 'configs/cifar10.py', str(workdir), *flags, env=env)
@@ -401,17 +420,17 @@ def start_training(laptop, worker, workdir, *flags, env=None):
   assert call[5:8] == ['t', f'--zone={ZONE}', '--worker=all']
   command = command_of(call)
   started = time.time()
-  out = worker.run(command, env=env).stdout
+  proc = worker.run(command, env=env, code=code)
   assert time.time() - started < 10  # detached: the ssh session does not wait for the run
-  assert 'training in the background' in out
   wait_for(worker.trainer_out.exists)
-  return command
+  return command, proc.stdout + proc.stderr
 
 
 def test_train_passes_every_argument_unchanged(tmp_path, laptop, worker):
   workdir = tmp_path / 'work dir'
   flags = [TUPLE, f'--config.dataset.data_dir={tmp_path}/tf ds $HOME', "--config.name=it's"]
-  start_training(laptop, worker, workdir, *flags)
+  _, out = start_training(laptop, worker, workdir, *flags)
+  assert 'the run ended at once, with exit status 0' in out
   pidfile = worker.code / 'logs' / 'train.pid'
   wait_for(lambda: not pidfile.exists())
   record = json.loads(worker.trainer_out.read_text())
@@ -442,7 +461,8 @@ def test_train_passes_every_argument_unchanged(tmp_path, laptop, worker):
 def test_stop_ends_a_detached_run_and_frees_the_tpu(tmp_path, laptop, worker):
   workdir = tmp_path / 'work'
   env = {'FAKE_TRAINER_WAIT': '1', 'LOG_SYNC_SECONDS': '1'}
-  command = start_training(laptop, worker, workdir, env=env)
+  command, out = start_training(laptop, worker, workdir, env=env)
+  assert 'training in the background' in out
   pidfile = worker.code / 'logs' / 'train.pid'
   wait_for(pidfile.exists)
   group = int(pidfile.read_text())
@@ -495,6 +515,45 @@ def test_stop_kills_the_holders_of_the_chips_that_accelerator_py_lists(
     ]
   assert sudo[-1] == ['sudo', 'rm', '-f', '/tmp/libtpu_lockfile']
   assert len(sudo) == (3 if pushed else 1)
+
+
+def test_train_fails_with_the_end_of_the_log_when_the_run_fails_at_start(tmp_path, laptop, worker):
+  _, err = start_training(laptop, worker, tmp_path, env={'FAKE_TRAINER_EXIT': '2'}, code=1)
+  assert 'the run ended at once, with exit status 2' in err
+  assert 'error: --config.bogus: no such setting' in err  # the trainer's last words
+
+
+def test_a_log_copy_that_fails_is_reported_once_with_the_fix(laptop, worker):
+  env = {
+    'FAKE_TRAINER_WAIT': '1',
+    'LOG_SYNC_SECONDS': '1',
+    'FAKE_STORAGE_ERROR': 'ERROR: (gcloud.storage.cp) HTTPError 403: tpu-sa@p.iam.gserviceaccount'
+    '.com does not have storage.objects.create access to the Google Cloud Storage object.',
+  }
+  start_training(laptop, worker, 'gs://b/run 1', env=env)
+  copies = lambda: [c for c in worker.calls() if c[:3] == ['gcloud', 'storage', 'cp']]
+  wait_for(lambda: len(copies()) >= 3)  # every second: all fail
+  laptop.tpu('stop', '--grace', '20')
+  worker.run(command_of(laptop.calls()[0]))
+  assert copies()[-1][4:] == [
+    str(worker.train_log()),
+    'gs://b/run 1/logs/' + worker.train_log().name,
+  ]
+  log = worker.train_log().read_text()
+  report = [line for line in log.splitlines() if line.startswith('=== log copy: ')]
+  assert report == [
+    '=== log copy: FAILED, this log cannot be copied to gs://b/run 1/logs/'
+    f'{worker.train_log().name} (reported once):',
+    f'=== log copy:   {env["FAKE_STORAGE_ERROR"]}',
+    "=== log copy: fix: let the VM's service account write the bucket (docs/cloud_tpu.md, "
+    'section 3):',
+    '=== log copy:   gcloud storage buckets add-iam-policy-binding gs://b '
+    '--member=serviceAccount:tpu-sa@p.iam.gserviceaccount.com --role=roles/storage.objectAdmin',
+  ]
+  assert 'exit status 0' in log  # the run itself went on
+  laptop.tpu('status')
+  status = worker.run(command_of(laptop.calls()[1])).stdout
+  assert all(f': {line}\n' in status for line in report)
 
 
 LIFECYCLE = [

@@ -27,16 +27,16 @@
 #       v2-alpha-tpuv6e (v6e). TPU7x and later: the Cloud TPU API (gcloud compute tpus) does not
 #       support them; use GKE (docs/cloud_tpu.md). GCLOUD_FLAGS go to gcloud as they are
 #       (--service-account=...).
-#   push [--allow-dirty]
+#   push [--allow-dirty | --commit COMMIT]
 #       The current commit (git archive HEAD) to ~/diffusion_jax on every worker, replacing the
 #       code there but keeping .venv and logs; writes the commit id to ~/diffusion_jax/COMMIT.
 #       Refuses uncommitted changes to tracked files unless --allow-dirty (even then only the
-#       committed code is pushed).
-#   setup
+#       committed code is pushed). --commit: COMMIT instead of HEAD.
+#   setup [--commit COMMIT]
 #       On every worker, once (again after requirements.txt changes): uv (pip --user), Python
 #       PYTHON_VERSION (3.13; uv), ~/diffusion_jax/.venv with every pin of the lock file of that
 #       Python (requirements.txt; libtpu included, from the package index) and the package. Run
-#       push first.
+#       push first: it refuses a lock file that is not the one of COMMIT (HEAD).
 #   train CONFIG WORKDIR [FLAGS...]
 #       On every worker, detached (it outlives the ssh session): python -m diffusion_jax.main
 #       --config=CONFIG --workdir=WORKDIR --distributed
@@ -121,11 +121,12 @@ printf '%s\n' "$commit" > "$dir/COMMIT"
 echo "$host: $dir is commit $commit"
 EOF
 
-# Sets: lock (the lock file of python_version), lock_sum (its sha1 on the laptop), python_version.
+# Sets: commit, lock (the lock file of python_version), lock_sum (its sha1 at commit),
+# python_version.
 heredoc SETUP_BODY <<'EOF'
 cd "$dir" 2>/dev/null || { echo "$host: no $dir: run launch/tpu.sh push first" >&2; exit 1; }
 if [[ ! -f $lock ]] || [[ $(sha1sum < "$lock" | cut -c1-40) != "$lock_sum" ]]; then
-  echo "$host: $dir/$lock is not the local checkout's: run launch/tpu.sh push first" >&2
+  echo "$host: $dir/$lock is not the one of commit $commit: run launch/tpu.sh push first" >&2
   exit 1
 fi
 # The image's python3 may be 3.10: it only installs uv, which brings Python $python_version.
@@ -430,17 +431,17 @@ cmd_create() {
   note "next: $PROG push, then $PROG setup"
 }
 
-cmd_push() {
-  local allow_dirty=0 commit tmp archive
-  while (($#)); do
-    case $1 in
-      --allow-dirty) allow_dirty=1 ;;
-      *) usage_error "push: unknown argument $1 (see --help)" ;;
-    esac
-    shift
-  done
-  commit=$(git -C "$REPO_ROOT" rev-parse --verify HEAD 2>/dev/null) \
-    || fail "$REPO_ROOT is not a git checkout with a commit: push sends the current commit"
+# The commit id of $1 (HEAD, an id, a branch) in this checkout.
+commit_id() {
+  git -C "$REPO_ROOT" rev-parse --verify --quiet "$1^{commit}" \
+    || fail "no commit $1 in $REPO_ROOT: push and setup send a commit of this git checkout"
+}
+
+# The commit that push sends by default: HEAD, without uncommitted changes to tracked files
+# unless $1 (--allow-dirty).
+head_commit() {
+  local allow_dirty=$1 commit
+  commit=$(commit_id HEAD)
   if [[ -n $(git -C "$REPO_ROOT" status --porcelain --untracked-files=no) ]]; then
     if ((allow_dirty)); then
       note "uncommitted changes are NOT pushed: only commit $commit is (--allow-dirty)"
@@ -450,6 +451,25 @@ cmd_push() {
       usage_error "uncommitted changes in $REPO_ROOT: push sends only the current commit," \
         "so that every host runs it; commit them (or pass --allow-dirty to push $commit anyway)"
     fi
+  fi
+  echo "$commit"
+}
+
+cmd_push() {
+  local allow_dirty=0 commit='' tmp archive
+  while (($#)); do
+    case $1 in
+      --allow-dirty) allow_dirty=1 ;;
+      --commit) need_value "$@"; commit=$2; shift ;;
+      --commit=*) commit=${1#*=} ;;
+      *) usage_error "push: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+  if [[ -n $commit ]]; then
+    commit=$(commit_id "$commit")
+  else
+    commit=$(head_commit "$allow_dirty")
   fi
   if ((dry_run)); then
     archive=${TMPDIR:-/tmp}/diffusion_jax.tar.gz
@@ -466,17 +486,25 @@ cmd_push() {
 }
 
 cmd_setup() {
-  local lock=requirements.txt lock_sum
-  (($# == 0)) || usage_error "setup takes no arguments (got $1)"
+  local lock=requirements.txt lock_sum commit=HEAD
+  while (($#)); do
+    case $1 in
+      --commit) need_value "$@"; commit=$2; shift ;;
+      --commit=*) commit=${1#*=} ;;
+      *) usage_error "setup: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
   case $python_version in
     3.11) lock=requirements-py311.txt ;;
     3.12 | 3.13) ;;
     *) usage_error "PYTHON_VERSION=$python_version: the supported ones are 3.11, 3.12 and 3.13" ;;
   esac
-  [[ -f $REPO_ROOT/$lock ]] || fail "no $REPO_ROOT/$lock"
-  lock_sum=$(sha1sum < "$REPO_ROOT/$lock" | cut -c1-40)
-  ssh_workers all setup "$(remote_script "$SETUP_BODY" "lock=$lock" "lock_sum=$lock_sum" \
-    "python_version=$python_version")"
+  commit=$(commit_id "$commit")
+  git -C "$REPO_ROOT" cat-file -e "$commit:$lock" 2>/dev/null || fail "commit $commit has no $lock"
+  lock_sum=$(git -C "$REPO_ROOT" show "$commit:$lock" | sha1sum | cut -c1-40)
+  ssh_workers all setup "$(remote_script "$SETUP_BODY" "commit=$commit" "lock=$lock" \
+    "lock_sum=$lock_sum" "python_version=$python_version")"
 }
 
 cmd_train() {

@@ -2,6 +2,7 @@
 argv) and its remote scripts, run here under bash with a fake home, trainer, ``uv`` and ``sudo``.
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -226,6 +227,12 @@ def repo(tmp_path):
   return repo
 
 
+def git_show(repo: pathlib.Path, what: str) -> str:
+  return subprocess.run(
+    ['git', '-C', str(repo), 'show', what], capture_output=True, text=True, check=True
+  ).stdout
+
+
 def head(repo: pathlib.Path) -> str:
   return subprocess.run(
     ['git', '-C', str(repo), 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True
@@ -386,7 +393,7 @@ def test_setup_makes_a_venv_of_the_lock_with_the_tpu_runtime(laptop, worker, pyt
     r'--find-links|\s-f\s+\S*https?:|libtpu_releases|storage\.googleapis', command
   )
   assert re.search(r'^libtpu==', (REPO / lock).read_text(), re.M)  # the lock has the TPU runtime
-  shutil.copy(REPO / lock, worker.code / lock)
+  (worker.code / lock).write_text(git_show(REPO, f'HEAD:{lock}'))  # what push sends
   worker.run(command)
   uv = ['uv', 'pip', 'install', '--python', '.venv/bin/python', '--quiet']
   assert [c for c in worker.calls() if c[0] != 'python'] == [
@@ -402,6 +409,26 @@ def test_setup_makes_a_venv_of_the_lock_with_the_tpu_runtime(laptop, worker, pyt
   # Code pushed with another lock than the local checkout's: push first.
   (worker.code / lock).write_text('jax==0.0.1\n')
   assert 'push' in worker.run(command, code=1).stderr
+
+
+def test_push_and_setup_of_another_commit(tmp_path, repo, worker):
+  laptop = Laptop(tmp_path, repo / 'launch' / 'tpu.sh')
+  first = head(repo)
+  (repo / 'requirements.txt').write_text('jax==0.0.1\n')
+  git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
+  subprocess.run(git + ['commit', '-q', '-am', 'another lock'], check=True)
+  (repo / 'pkg.py').write_text('VERSION = 3\n')  # uncommitted: --commit does not look
+  laptop.tpu('push', '--commit', first[:8])
+  _, ssh = laptop.calls()
+  assert f'\ncommit={first}\n' in command_of(ssh)
+  with tarfile.open(tmp_path / 'pushed.tar.gz') as tar:
+    assert tar.extractfile('requirements.txt').read() == (REPO / 'requirements.txt').read_bytes()
+  for args, commit in ([], head(repo)), (['--commit', first], first):
+    laptop.tpu('setup', *args)
+    (ssh,) = laptop.calls()
+    lock_sum = hashlib.sha1(git_show(repo, f'{commit}:requirements.txt').encode()).hexdigest()
+    assert f'\ncommit={commit}\nlock=requirements.txt\nlock_sum={lock_sum}\n' in command_of(ssh)
+  assert 'no commit nope' in laptop.tpu('push', '--commit', 'nope', code=1).stderr
 
 
 def test_setup_refuses_an_unsupported_python(laptop):

@@ -59,6 +59,21 @@
 #       and the libtpu lockfile (/tmp/libtpu_lockfile).
 #   delete [--queued]
 #       Deletes the TPU VM (--queued: the queued resource and its node).
+#   watch [--poll SECONDS] [--max-restarts N] [--log FILE]
+#         create CREATE_ARGS... train CONFIG WORKDIR [FLAGS...]
+#       Keeps a spot or queued run going without a person, from a laptop or a small VM (in
+#       tmux or nohup). Every SECONDS (WATCH_POLL_SECONDS, 60) it reads the TPU's state. A TPU
+#       that is PREEMPTED, TERMINATED, SUSPENDED, FAILED or gone is deleted and made again
+#       (create CREATE_ARGS...), then push and setup of the commit checked out when watch
+#       started, and train CONFIG WORKDIR FLAGS..., which resumes from WORKDIR's latest
+#       checkpoint (gs://). A READY TPU without the run gets it the same way (if it had it,
+#       after WATCH_IDLE_SECONDS, 120: a preempted TPU may say READY for a while). It ends
+#       when the run on worker 0 has ended with "Done: step N" and exit status 0 (0), when
+#       the run fails (1), or when the TPU needs an (N+1)th restart (1; N:
+#       WATCH_MAX_RESTARTS, 10). Each event is one line, with the time, the state seen and
+#       the restart count, on stderr and in FILE (WATCH_LOG, default
+#       ~/.local/state/diffusion_jax/watch_<TPU>.log). To end the run by hand, end watch
+#       first (Ctrl-C), then stop.
 #
 # Example (v3-8):
 #   export TPU_NAME=ddpm ZONE=europe-west4-a
@@ -262,6 +277,30 @@ heredoc STATUS_BODY <<'EOF'
     tail -n 5 "$log"
   fi
 } 2>&1 | sed "s/^/$host: /"
+EOF
+
+# The state of the run here for watch, in the last line: `run: STATE`. running; done (exit status
+# 0 after the trainer's last words, "Done: step N" or "The run in ... is complete", which come
+# first); stopped (ended otherwise with status 0, e.g. at a SIGTERM, or killed); failed (another
+# status; after the end of the log); none (no run here yet).
+heredoc RUN_STATE_BODY <<'EOF'
+if run_alive; then
+  state=running
+elif [[ ! -f $log ]]; then
+  state=none
+else
+  run=$(latest_run)
+  status=$(sed -n 's/^=== .* exit status \([0-9]*\)$/\1/p' <<< "$run")
+  if [[ $status == 0 ]] && grep -E '  (Done: step [0-9]+ |The run in .* is complete)' <<< "$run"; then
+    state=done
+  elif [[ -z $status || $status == 0 ]]; then
+    state=stopped
+  else
+    tail -n 20 <<< "$run"
+    state=failed
+  fi
+fi
+echo "run: $state"
 EOF
 
 # Sets: grace.
@@ -592,6 +631,199 @@ cmd_delete() {
   fi
 }
 
+# --- watch: these run inside cmd_watch and use its variables ------------------------------------
+
+# One line of the watcher, with the time: on stderr and in its log.
+note_watch() {
+  local line
+  line="$(date -u +%FT%TZ) $*"
+  echo "$PROG: watch: $line" >&2
+  echo "$line" >> "$log_file"
+}
+
+# describe_state KIND FORMAT: the state that `gcloud compute tpus KIND describe` gives, GONE if
+# there is no such resource, UNKNOWN if gcloud cannot tell (noted).
+describe_state() {
+  local state
+  if state=$(gcloud compute tpus "$1" describe "$tpu" "${scope[@]}" --format="$2" 2> "$errors"); then
+    echo "${state:-UNKNOWN}"
+  elif grep -qE 'NOT_FOUND|not found' "$errors"; then
+    echo GONE
+  else
+    note_watch "gcloud compute tpus $1 describe failed: $(tail -n 1 "$errors")"
+    echo UNKNOWN
+  fi
+}
+
+# The TPU's state: its node's (READY, CREATING, PREEMPTED, TERMINATED, ...); with --queued the
+# queued resource's until it is ACTIVE (WAITING_FOR_RESOURCES, SUSPENDED, FAILED, ...), then its
+# node's, VM_GONE if that is gone.
+tpu_state() {
+  local state
+  if ((queued)); then
+    state=$(describe_state queued-resources 'value(state.state)')
+    if [[ $state != ACTIVE ]]; then
+      echo "$state"
+      return
+    fi
+  fi
+  state=$(describe_state tpu-vm 'value(state)')
+  if ((queued)) && [[ $state == GONE ]]; then
+    state=VM_GONE
+  fi
+  echo "$state"
+}
+
+# Sets run (RUN_STATE_BODY's state of worker 0's run; unreachable if ssh fails) and detail (the
+# lines before it, or ssh's error).
+read_run_state() {
+  local out
+  ssh_command 0
+  if out=$("${ssh[@]}" --command="$(remote_script "$RUN_STATE_BODY")" 2> "$errors") \
+    && [[ $out == *'run: '* ]]; then
+    run=${out##*run: }
+    detail=${out%run: *}
+  else
+    run=unreachable
+    detail=$(tail -n 3 "$errors")
+  fi
+  detail=${detail%$'\n'}
+}
+
+# Counts a restart, for the reason $1; past max_restarts, watch gives up.
+count_restart() {
+  restarts=$((restarts + 1))
+  if ((restarts > max_restarts)); then
+    note_watch "giving up: $1, but all $max_restarts restarts are used (--max-restarts)"
+    exit 1
+  fi
+  note_watch "restart $restarts/$max_restarts: $1"
+}
+
+# The TPU anew: deleted unless it is GONE ($1), then created with the watched arguments.
+recreate() {
+  local delete=(delete)
+  ((!queued)) || delete+=(--queued)
+  if [[ $1 != GONE ]]; then
+    "${self[@]}" "${delete[@]}" || return
+  fi
+  "${self[@]}" create "${create[@]}"
+}
+
+# The run on the TPU: push and setup of the watched commit, then train.
+start_run() {
+  "${self[@]}" push --commit "$commit" && "${self[@]}" setup --commit "$commit" \
+    && "${self[@]}" train "${train[@]}"
+}
+
+# Exits with COMMAND's own usage error if COMMAND ARGS... is not a valid command (its --dry-run).
+check_command() {
+  local error status=0
+  error=$("${self[@]}" --dry-run "$@" 2>&1 > /dev/null) || status=$?
+  if ((status)); then
+    printf '%s\n' "$error" >&2
+    exit "$status"
+  fi
+}
+
+cmd_watch() {
+  local poll=${WATCH_POLL_SECONDS:-60} max_restarts=${WATCH_MAX_RESTARTS:-10} log_file
+  local create=() train=() self queued=0 commit errors arg
+  local idle_seconds=${WATCH_IDLE_SECONDS:-120} idle_since=-1 state run seen='' seen_run='' detail
+  local restarts=0 started=0 fresh=0
+  log_file=${WATCH_LOG:-${XDG_STATE_HOME:-$HOME/.local/state}/diffusion_jax/watch_$tpu.log}
+  while (($#)) && [[ $1 != create ]]; do
+    case $1 in
+      --poll) need_value "$@"; poll=$2; shift ;;
+      --poll=*) poll=${1#*=} ;;
+      --max-restarts) need_value "$@"; max_restarts=$2; shift ;;
+      --max-restarts=*) max_restarts=${1#*=} ;;
+      --log) need_value "$@"; log_file=$2; shift ;;
+      --log=*) log_file=${1#*=} ;;
+      *) usage_error "watch: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+  [[ $poll =~ ^[0-9]+([.][0-9]+)?$ ]] || usage_error "--poll takes seconds, not $poll"
+  [[ $max_restarts =~ ^[0-9]+$ ]] || usage_error "--max-restarts takes a number, not $max_restarts"
+  [[ $idle_seconds =~ ^[0-9]+$ ]] || usage_error "WATCH_IDLE_SECONDS takes seconds, not $idle_seconds"
+  (($#)) && shift  # create
+  while (($#)) && [[ $1 != train ]]; do
+    create+=("$1")
+    shift
+  done
+  (($#)) || usage_error 'watch needs create CREATE_ARGS... train CONFIG WORKDIR [FLAGS...]'
+  shift
+  train=("$@")
+  self=("${BASH_SOURCE[0]}" --tpu "$tpu" --zone "$zone")
+  [[ -z $project ]] || self+=(--project "$project")
+  ((!internal_ip)) || self+=(--internal-ip)
+  ((!iap)) || self+=(--tunnel-through-iap)
+  check_command create ${create[@]+"${create[@]}"}
+  check_command train ${train[@]+"${train[@]}"}
+  for arg in "${create[@]}"; do
+    [[ $arg != -- ]] || break  # gcloud's flags follow
+    [[ $arg != --queued ]] || queued=1
+  done
+  commit=$(head_commit 0)
+  mkdir -p "$(dirname "$log_file")"
+  errors=$(mktemp)
+  # shellcheck disable=SC2064  # expand $errors now
+  trap "rm -f '$errors'" EXIT
+  note_watch "watching TPU $tpu ($zone) for commit $commit: a look every ${poll}s, at most" \
+    "$max_restarts restarts; this log: $log_file"
+  while true; do
+    state=$(tpu_state)
+    [[ $state == "$seen" ]] || note_watch "TPU $state"
+    seen=$state
+    case $state in
+      PREEMPTED | TERMINATED | SUSPENDED | FAILED | GONE | VM_GONE)
+        if ((started)); then
+          count_restart "TPU $state: creating it again"
+        fi
+        recreate "$state" || note_watch "could not create the TPU: trying again in ${poll}s"
+        fresh=1 seen_run=''
+        ;;
+      READY)
+        read_run_state
+        [[ $run == "$seen_run" ]] || note_watch "run $run on worker 0"
+        seen_run=$run
+        case $run in
+          running) started=1 idle_since=-1 ;;
+          done)
+            note_watch "the run is complete: $detail"
+            return
+            ;;
+          failed)
+            note_watch "the run failed: watch ends without restarting it; the end of its log:"
+            printf '%s\n' "$detail" >&2
+            exit 1
+            ;;
+          none | stopped)
+            # On a TPU that had the run, after idle_seconds: a preempted TPU may still say READY.
+            ((idle_since >= 0)) || idle_since=$SECONDS
+            if ((!started || fresh || SECONDS - idle_since >= idle_seconds)); then
+              if ((started && !fresh)); then
+                count_restart "TPU READY, run $run: starting it again"
+              fi
+              if start_run; then
+                started=1
+              elif ((!started)); then
+                fail 'watch: the run could not be started (see above)'
+              else
+                note_watch "could not start the run: trying again in ${poll}s"
+              fi
+              fresh=0 idle_since=-1
+            fi
+            ;;
+          *) note_watch "worker 0 does not answer: $detail" ;;
+        esac
+        ;;
+    esac
+    sleep "$poll"
+  done
+}
+
 main() {
   while (($#)); do
     case $1 in
@@ -610,13 +842,17 @@ main() {
     esac
     shift
   done
-  (($#)) || usage_error "no command (create, push, setup, train, logs, status, stop, delete; see --help)"
+  (($#)) || usage_error 'no command (create, push, setup, train, logs, status, stop, delete,' \
+    'watch; see --help)'
   local command=$1
   shift
   case $command in
-    create | push | setup | train | logs | status | stop | delete) ;;
+    create | push | setup | train | logs | status | stop | delete | watch) ;;
     *) usage_error "unknown command $command (see --help)" ;;
   esac
+  if ((dry_run)) && [[ $command == watch ]]; then
+    usage_error 'watch acts on the states it sees: it has no --dry-run (its create and train do)'
+  fi
   if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     usage
     exit 0

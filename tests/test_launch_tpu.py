@@ -2,6 +2,7 @@
 argv) and its remote scripts, run here under bash with a fake home, trainer, ``uv`` and ``sudo``.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,8 +29,12 @@ SETTINGS = {
   'PYTHON_VERSION',
   'LOG_SYNC_SECONDS',
   'START_CHECK_SECONDS',
+  'TPU_INTERNAL_IP',
+  'TPU_TUNNEL_THROUGH_IAP',
+  'WATCH_POLL_SECONDS',
+  'WATCH_MAX_RESTARTS',
+  'WATCH_LOG',
 }
-SETTINGS |= {'TPU_INTERNAL_IP', 'TPU_TUNNEL_THROUGH_IAP'}
 
 # Every stand-in is this one program under another name: it appends [name, *argv] to $FAKE_LOG.
 RECORDER = f"""#!{sys.executable}
@@ -45,7 +50,11 @@ if name == 'gcloud' and argv[3:4] == ['describe']:
 if name == 'uv' and argv[:1] == ['venv']:
   python = pathlib.Path(argv[-1], 'bin', 'python')
   python.parent.mkdir(parents=True)
-  python.symlink_to(pathlib.Path(sys.argv[0]).with_name('python'))
+  python.symlink_to(
+    os.environ.get('FAKE_VENV_PYTHON') or pathlib.Path(sys.argv[0]).with_name('python')
+  )
+if name == 'hostname':
+  print(os.environ['FAKE_HOSTNAME'])
 if name == 'pgrep':
   sys.exit(1)
 if name == 'gcloud' and argv[:2] == ['storage', 'cp'] and os.environ.get('FAKE_STORAGE_ERROR'):
@@ -66,8 +75,9 @@ if name == 'python3' and argv[:1] and argv[0].endswith('accelerator.py'):
 """
 
 # The trainer: .venv/bin/python of the fake worker. Records its argv, environment and folder,
-# prints a line, and with FAKE_TRAINER_WAIT waits for SIGTERM (at most 30 s), as a run does;
-# FAKE_TRAINER_EXIT=N: fails at once with status N instead.
+# prints a line, and with FAKE_TRAINER_WAIT waits for SIGTERM (at most 30 s), as a run does, or
+# for the file $FAKE_TRAINER_FINISH: then it ends as a complete run does, or fails with the
+# status written there. FAKE_TRAINER_EXIT=N: fails at once with status N instead.
 TRAINER = f"""#!{sys.executable}
 import json, os, signal, sys, time
 stop = []
@@ -84,9 +94,14 @@ if os.environ.get('FAKE_TRAINER_EXIT'):
   sys.exit(int(os.environ['FAKE_TRAINER_EXIT']))
 print('step 1, loss 0.5', flush=True)
 if os.environ.get('FAKE_TRAINER_WAIT'):
+  finish = os.environ.get('FAKE_TRAINER_FINISH', '/nonexistent')
   deadline = time.time() + 30
-  while not stop and time.time() < deadline:
+  while not stop and not os.path.exists(finish) and time.time() < deadline:
     time.sleep(0.05)
+  if os.path.exists(finish):
+    status = int(open(finish).read() or 0)
+    print('error: training diverged' if status else '12:00:00  Done: step 4 in w', flush=True)
+    sys.exit(status)
   print('SIGTERM: saved a checkpoint' if stop else 'no SIGTERM', flush=True)
 """
 
@@ -148,6 +163,16 @@ class Laptop:
 
   def tpu(self, *args: str, **kwargs):
     return self.run('--tpu', 't', '--zone', ZONE, *args, **kwargs)
+
+  def start(self, *args: str, out: pathlib.Path, env: dict | None = None) -> subprocess.Popen:
+    """``tpu(*args)`` in the background, its stdout and stderr to ``out``."""
+    with out.open('w') as f:
+      return subprocess.Popen(
+        [str(self.script), '--tpu', 't', '--zone', ZONE, *args],
+        env={**self.env, **(env or {})},
+        stdout=f,
+        stderr=subprocess.STDOUT,
+      )
 
   def calls(self) -> list[list[str]]:
     if not self.log.exists():
@@ -679,3 +704,218 @@ def test_the_script_and_its_remote_scripts_pass_shellcheck(laptop):
       if words[4] == 'ssh':  # SC2054: commas in array items, here escaped by printf %q
         shellcheck = ['shellcheck', '-s', 'bash', '-e', 'SC2054', '-']
         subprocess.run(shellcheck, input=command_of(words), text=True, check=True)
+
+
+# ----------------------------------------------------------------------------- a fake cloud
+
+
+class Cloud:
+  """The laptop's gcloud becomes tests/fake_cloud.py: TPU VMs whose workers are folders here,
+  where the recorded stand-ins serve the remote scripts and ``trainer`` (a command line) is the
+  venv's python for ``-m ...`` (setup's probes pass)."""
+
+  def __init__(self, tmp_path: pathlib.Path, laptop: Laptop, trainer: str):
+    self.laptop = laptop
+    self.root = tmp_path / 'cloud'
+    self.root.mkdir()
+    self.finish = tmp_path / 'finish'  # the fake trainer's end (TRAINER)
+    worker_bin = tmp_path / 'worker-bin'
+    for name in ('gcloud', 'uv', 'python3', 'sudo', 'pgrep', 'hostname'):
+      write_program(worker_bin / name, RECORDER)
+    venv_python = tmp_path / 'venv-python'
+    write_program(venv_python, f'#!/bin/sh\n[ "$1" = -m ] || exit 0\nexec {trainer} "$@"\n')
+    fake_gcloud = (REPO / 'tests' / 'fake_cloud.py').read_text()
+    write_program(laptop.bin / 'gcloud', f'#!{sys.executable}\n{fake_gcloud}')
+    laptop.env.update(
+      FAKE_CLOUD=str(self.root),
+      FAKE_WORKER_PATH=f'{worker_bin}{os.pathsep}{os.environ["PATH"]}',
+      FAKE_VENV_PYTHON=str(venv_python),
+      FAKE_TRAINER_OUT=str(tmp_path / 'trainer.json'),
+      FAKE_TRAINER_FINISH=str(self.finish),
+      START_CHECK_SECONDS='1',
+    )
+
+  def home(self, worker: int = 0) -> pathlib.Path:
+    return self.root / 't' / f'w{worker}'
+
+  def groups(self) -> list[int]:
+    """The process groups of the runs on the TPU's workers."""
+    pidfiles = self.root.glob('t/w*/diffusion_jax/logs/train.pid')
+    return [int(p.read_text()) for p in pidfiles if p.read_text().strip()]
+
+  def running(self, workers: int = 1) -> bool:
+    """Whether the run is alive on ``workers`` workers."""
+    return sum(map(alive, self.groups())) == workers
+
+  def preempt(self, queued: bool = False, sigterm_first: bool = False) -> None:
+    """What Cloud TPU does: (a notice, SIGTERM: the run saves and exits; then) the state
+    PREEMPTED and every process killed; a queued resource: its VM deleted, then SUSPENDED."""
+    groups = self.groups()
+    if sigterm_first:
+      for group in groups:
+        os.killpg(group, signal.SIGTERM)
+      wait_for(lambda: not any(map(alive, groups)), timeout=60)
+    if not queued:
+      (self.root / 't' / 'state').write_text('PREEMPTED')
+    for group in groups:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    wait_for(lambda: not any(map(alive, groups)))
+    if queued:  # the VM goes at once: watch may make the next one right after SUSPENDED
+      (self.root / 't.queued').write_text('SUSPENDED')
+      (self.root / 't').rename(self.root / 't.preempted')
+      shutil.rmtree(self.root / 't.preempted')
+
+
+def alive(group: int) -> bool:
+  """Whether a process of the process group ``group`` lives (a zombie not yet reaped does not)."""
+  for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
+    with contextlib.suppress(OSError):
+      state, _, pgrp = stat.read_text().rsplit(')', 1)[1].split()[:3]  # after "PID (NAME)"
+      if int(pgrp) == group and state != 'Z':
+        return True
+  return False
+
+
+@pytest.fixture
+def cloud(tmp_path, repo):
+  """A fake cloud for the launcher of ``repo``, with the fake trainer."""
+  write_program(tmp_path / 'trainer', TRAINER)
+  return Cloud(tmp_path, Laptop(tmp_path, repo / 'launch' / 'tpu.sh'), str(tmp_path / 'trainer'))
+
+
+def test_a_failure_on_one_worker_fails_the_command_and_says_so(tmp_path, cloud):
+  laptop = cloud.laptop
+  laptop.tpu('create', '--accelerator-type', 'v4-16')  # two hosts
+  laptop.tpu('push')
+  laptop.tpu('setup')
+  shutil.rmtree(cloud.home(1) / 'diffusion_jax' / '.venv')
+  proc = laptop.tpu('train', 'configs/digits.py', str(tmp_path / 'w'), code=1)
+  assert 't-w-0: the run ended at once, with exit status 0' in proc.stdout  # worker 0 ran it
+  assert 't-w-1: no ' in proc.stderr and 'launch/tpu.sh setup' in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+    'launch/tpu.sh: error: train failed on at least one worker (gcloud ssh --worker=all: exit '
+    "status 1); the workers' messages are above"
+  )
+
+
+def watch_lines(log: pathlib.Path) -> list[str]:
+  """The watch log without the times."""
+  lines = log.read_text().splitlines() if log.exists() else []
+  assert all(re.match(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ', line) for line in lines), lines
+  return [line.split(' ', 1)[1] for line in lines]
+
+
+def wait_until_watched(log: pathlib.Path, runs: int) -> None:
+  """Until watch has seen its run running ``runs`` times (one per VM)."""
+  wait_for(lambda: watch_lines(log).count('run running on worker 0') >= runs, timeout=120)
+
+
+def test_watch_brings_back_a_preempted_queued_tpu_and_ends_with_the_run(tmp_path, repo, cloud):
+  laptop, log, out = cloud.laptop, tmp_path / 'watch.log', tmp_path / 'watch.out'
+  create = ['--accelerator-type', 'v4-16', '--queued', '--spot', '--', '--network=n']
+  train = ['configs/digits.py', str(tmp_path / 'w'), TUPLE]
+  watch = laptop.start(
+    *['watch', '--poll', '0.2', '--max-restarts', '3', '--log', str(log)],
+    *['create', *create, 'train', *train],
+    out=out,
+    env={'FAKE_TRAINER_WAIT': '1'},
+  )
+  wait_until_watched(log, 1)
+  cloud.preempt(queued=True)
+  wait_until_watched(log, 2)
+  cloud.finish.write_text('')  # the run ends: "Done: step 4", exit status 0
+  assert watch.wait(60) == 0, out.read_text()
+  calls = laptop.calls()
+  made = QUEUED + ['--node-id=t', '--accelerator-type=v4-16', f'--runtime-version={BASE}']
+  assert [c for c in calls if c[3:5] == ['queued-resources', 'create']] == [
+    made + ['--spot', '--network=n']
+  ] * 2
+  assert [c[3:5] for c in calls if 'delete' in c] == [['queued-resources', 'delete']]
+  assert sum('scp' in c for c in calls) == 2  # pushed to each VM
+  for worker in (0, 1):
+    assert (cloud.home(worker) / 'diffusion_jax' / 'COMMIT').read_text() == head(repo) + '\n'
+  assert json.loads((tmp_path / 'trainer.json').read_text())['argv'][-1] == TUPLE
+  lines = watch_lines(log)
+  assert [line for line in lines if line.startswith('restart ')] == [
+    'restart 1/3: TPU SUSPENDED: creating it again'
+  ]
+  assert lines[-1] == 'the run is complete: 12:00:00  Done: step 4 in w'
+  for line in log.read_text().splitlines():  # each on stderr too
+    assert f'launch/tpu.sh: watch: {line}\n' in out.read_text()
+
+
+def test_watch_gives_up_after_max_restarts(tmp_path, cloud):
+  laptop, log, out = cloud.laptop, tmp_path / 'watch.log', tmp_path / 'watch.out'
+  env = {'FAKE_TRAINER_WAIT': '1', 'WATCH_POLL_SECONDS': '0.2', 'WATCH_LOG': str(log)}
+  args = ['create', '--accelerator-type', 'v3-8', '--spot', 'train', 'configs/digits.py', 'w']
+  watch = laptop.start('watch', '--max-restarts', '1', *args, out=out, env=env)
+  for runs in (1, 2):
+    wait_until_watched(log, runs)
+    cloud.preempt(sigterm_first=True)
+  assert watch.wait(60) == 1, out.read_text()
+  creates = [c for c in laptop.calls() if c[3:5] == ['tpu-vm', 'create']]
+  assert creates == [VM + ['--accelerator-type=v3-8', f'--version={BASE}', '--spot']] * 2
+  assert [line for line in watch_lines(log) if line.startswith(('restart ', 'giving up'))] == [
+    'restart 1/1: TPU PREEMPTED: creating it again',
+    'giving up: TPU PREEMPTED: creating it again, but all 1 restarts are used (--max-restarts)',
+  ]
+
+
+def test_watch_starts_the_run_again_on_a_ready_tpu_that_lost_it(tmp_path, cloud):
+  laptop, log, out = cloud.laptop, tmp_path / 'watch.log', tmp_path / 'watch.out'
+  env = {'FAKE_TRAINER_WAIT': '1', 'WATCH_POLL_SECONDS': '0.2', 'WATCH_IDLE_SECONDS': '1'}
+  args = ['create', '--accelerator-type', 'v3-8', 'train', 'configs/digits.py', 'w']
+  watch = laptop.start('watch', '--log', str(log), *args, out=out, env=env)
+  wait_until_watched(log, 1)
+  (group,) = cloud.groups()
+  os.killpg(group, signal.SIGTERM)  # the run saves and ends; the TPU stays READY (maintenance)
+  wait_until_watched(log, 2)
+  cloud.finish.write_text('')
+  assert watch.wait(60) == 0, out.read_text()
+  lines = watch_lines(log)
+  assert lines.count('run stopped on worker 0') == 1
+  assert 'restart 1/10: TPU READY, run stopped: starting it again' in lines
+  assert sum(c[3:5] == ['tpu-vm', 'create'] for c in laptop.calls()) == 1
+
+
+@pytest.mark.parametrize('when', ['at start', 'later'])
+def test_watch_ends_when_the_run_fails(tmp_path, cloud, when):
+  laptop, out = cloud.laptop, tmp_path / 'watch.out'
+  env = {'FAKE_TRAINER_EXIT': '3'} if when == 'at start' else {'FAKE_TRAINER_WAIT': '1'}
+  args = ['create', '--accelerator-type', 'v3-8', 'train', 'configs/digits.py', 'w']
+  env.update(WATCH_POLL_SECONDS='0.2', WATCH_LOG=str(tmp_path / 'watch.log'))
+  watch = laptop.start('watch', *args, out=out, env=env)
+  if when == 'later':
+    wait_until_watched(tmp_path / 'watch.log', 1)
+    cloud.finish.write_text('3')
+  assert watch.wait(60) == 1, out.read_text()
+  text = out.read_text()
+  if when == 'at start':
+    assert 'the run ended at once, with exit status 3' in text
+    assert text.strip().endswith('error: watch: the run could not be started (see above)')
+  else:
+    assert 'the run failed: watch ends without restarting it' in text
+    assert 'error: training diverged' in text and 'exit status 3' in text
+  assert sum(c[3:5] == ['tpu-vm', 'create'] for c in laptop.calls()) == 1
+
+
+WATCHED = ['create', '--accelerator-type', 'v3-8', 'train', 'configs/digits.py', 'w']
+
+
+@pytest.mark.parametrize(
+  'args, message',
+  [
+    ([], 'watch needs create CREATE_ARGS... train CONFIG WORKDIR'),
+    (WATCHED[:3], 'watch needs create CREATE_ARGS... train CONFIG WORKDIR'),
+    (['--poll', '1m', *WATCHED], '--poll takes seconds, not 1m'),
+    (['--max-restarts', '-1', *WATCHED], '--max-restarts takes a number, not -1'),
+    (['create', '--accelerator-type', 'tpu7x-8', *WATCHED[3:]], 'create them with GKE'),
+    (WATCHED[:5], 'train needs CONFIG WORKDIR'),
+  ],
+)
+def test_watch_usage_errors_are_its_commands_own(laptop, args, message):
+  err = laptop.tpu('watch', *args, code=2).stderr
+  assert message in err and len(err.strip().splitlines()) == 1, err
+  assert 'no --dry-run' in laptop.tpu('--dry-run', 'watch', *WATCHED, code=2).stderr
+  assert laptop.calls() == []

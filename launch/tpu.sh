@@ -285,19 +285,19 @@ EOF
 # status; after the end of the log); none (no run here yet).
 heredoc RUN_STATE_BODY <<'EOF'
 if run_alive; then
-  state=running
+  state='running'
 elif [[ ! -f $log ]]; then
-  state=none
+  state='none'
 else
   run=$(latest_run)
   status=$(sed -n 's/^=== .* exit status \([0-9]*\)$/\1/p' <<< "$run")
   if [[ $status == 0 ]] && grep -E '  (Done: step [0-9]+ |The run in .* is complete)' <<< "$run"; then
-    state=done
+    state='done'
   elif [[ -z $status || $status == 0 ]]; then
-    state=stopped
+    state='stopped'
   else
     tail -n 20 <<< "$run"
-    state=failed
+    state='failed'
   fi
 fi
 echo "run: $state"

@@ -704,6 +704,10 @@ def test_the_script_and_its_remote_scripts_pass_shellcheck(laptop):
       if words[4] == 'ssh':  # SC2054: commas in array items, here escaped by printf %q
         shellcheck = ['shellcheck', '-s', 'bash', '-e', 'SC2054', '-']
         subprocess.run(shellcheck, input=command_of(words), text=True, check=True)
+  # watch's remote script (watch has no --dry-run), as remote_script() makes it: it sets nothing.
+  bodies = dict(re.findall(r"^heredoc (\w+) <<'EOF'\n(.*?)^EOF$", SCRIPT.read_text(), re.M | re.S))
+  script = 'set -euo pipefail\n' + bodies['WORKER_BODY'] + bodies['RUN_STATE_BODY']
+  subprocess.run(['shellcheck', '-s', 'bash', '-'], input=script, text=True, check=True)
 
 
 # ----------------------------------------------------------------------------- a fake cloud

@@ -923,3 +923,78 @@ def test_watch_usage_errors_are_its_commands_own(laptop, args, message):
   assert message in err and len(err.strip().splitlines()) == 1, err
   assert 'no --dry-run' in laptop.tpu('--dry-run', 'watch', *WATCHED, code=2).stderr
   assert laptop.calls() == []
+
+
+@pytest.mark.slow
+def test_watch_brings_a_twice_preempted_run_to_the_end_of_an_uninterrupted_one(tmp_path, data_dir):
+  """Issue 22's "done when": the real trainer on a fake spot TPU (single process, JAX on 2 CPU
+  devices), preempted twice mid-run (with a SIGTERM notice, then without), finishes with the
+  state of a run that nobody interrupted."""
+  import chex
+  import jax
+
+  from diffusion_jax import parallel, train_state
+
+  from conftest import load_config, run_main
+
+  repo = tmp_path / 'repo'  # what push sends: this checkout's code, committed
+  for part in ('diffusion_jax', 'configs', 'launch'):
+    shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns('__pycache__'))
+  shutil.copy(REPO / 'requirements.txt', repo)
+  git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
+  subprocess.run(git + ['init', '-q'], check=True)
+  subprocess.run(git + ['add', '.'], check=True)
+  subprocess.run(git + ['-c', 'commit.gpgsign=false', 'commit', '-q', '-m', 'c'], check=True)
+  cloud = Cloud(
+    tmp_path,
+    Laptop(tmp_path, repo / 'launch' / 'tpu.sh'),
+    f'env JAX_PLATFORMS=cpu {sys.executable}',
+  )
+  steps = 40
+  flags = [
+    f'--config.dataset.data_dir={data_dir}',
+    f'--config.train.num_train_steps={steps}',
+    '--config.train.log_every_steps=4',
+    '--config.train.checkpoint_every_steps=4',
+    '--config.train.sample_every_steps=1000',  # none
+    '--config.eval.every_steps=0',
+    '--nodistributed',  # after train's --distributed: one process, no cluster to join
+  ]
+  reference = run_main('--config=configs/digits.py:tiny', f'--workdir={tmp_path / "ref"}', *flags)
+  workdir, log, out = tmp_path / 'workdir', tmp_path / 'watch.log', tmp_path / 'watch.out'
+  watch = cloud.laptop.start(
+    *['watch', '--poll', '0.3', '--max-restarts', '4', '--log', str(log)],
+    *['create', '--accelerator-type', 'v3-8', '--spot'],
+    *['train', 'configs/digits.py:tiny', str(workdir), *flags],
+    out=out,
+    env={'START_CHECK_SECONDS': '3'},
+  )
+
+  def saved() -> int:
+    """The newest complete checkpoint's step in the workdir (the bucket every VM shares)."""
+    names = os.listdir(workdir / 'checkpoints') if (workdir / 'checkpoints').exists() else []
+    return max((int(n) for n in names if n.isdigit()), default=0)
+
+  wait_for(lambda: saved() >= 8, timeout=300)
+  cloud.preempt(sigterm_first=True)
+  wait_until_watched(log, 2)
+  wait_for(lambda: saved() >= 24, timeout=300)
+  cloud.preempt()
+  assert watch.wait(300) == 0, out.read_text()[-5000:]
+  reference_out, _ = reference.communicate(timeout=300)
+  assert reference.returncode == 0, reference_out[-3000:]
+
+  lines = watch_lines(log)
+  assert [line for line in lines if line.startswith('restart ')] == [
+    f'restart {n}/4: TPU PREEMPTED: creating it again' for n in (1, 2)
+  ]
+  assert re.fullmatch(rf'the run is complete: \S+  Done: step {steps} in {workdir}', lines[-1])
+  train_log = (cloud.home() / 'diffusion_jax' / 'logs' / 'train_t-w-0.log').read_text()
+  resumed = int(re.search(r'Resumed from step (\d+)', train_log)[1])
+  assert 24 <= resumed < steps  # the third VM went on from the second one's checkpoint
+  config = load_config('digits.py:tiny', data_dir)
+  abstract = train_state.StateFactory.from_config(config).abstract(parallel.make_mesh())
+  states = [train_state.restore_latest(w, abstract) for w in (tmp_path / 'ref', workdir)]
+  trees = [jax.device_get((s.step, s.params, s.ema_params, s.opt_state, s.rng)) for s in states]
+  assert int(trees[0][0]) == steps
+  chex.assert_trees_all_equal(*trees)

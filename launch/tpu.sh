@@ -117,7 +117,8 @@ pidfile=$dir/logs/train.pid
 run_alive() { [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; }
 # The latest run's lines of the log: from the header that train writes on.
 latest_run() {
-  awk '/^=== .*, commit .*: python /{n = 0} {line[n++] = $0} END {for (i = 0; i < n; i++) print line[i]}' "$log"
+  awk '/^=== .*, commit .*: python /{n = 0} {line[n++] = $0}
+    END {for (i = 0; i < n; i++) print line[i]}' "$log"
 }
 EOF
 
@@ -237,10 +238,12 @@ for ((i = 0; i < 5 * start_check_seconds; i++)); do
   [[ -z $(exit_status) ]] || break
   sleep 0.2
 done
-status=$(exit_status)
-if [[ -z $status ]] && run_alive; then
+if [[ -z $(exit_status) ]] && run_alive; then
   echo "$host: training in the background, log $log"
-elif [[ ${status:=$(exit_status)} == 0 ]]; then
+  exit 0
+fi
+status=$(exit_status)  # read after run_alive: the run may have ended in between
+if [[ $status == 0 ]]; then
   echo "$host: the run ended at once, with exit status 0 (complete already?); log $log"
 else
   echo "$host: the run ended at once, with exit status ${status:-unknown}; the end of $log:" >&2
@@ -279,10 +282,10 @@ heredoc STATUS_BODY <<'EOF'
 } 2>&1 | sed "s/^/$host: /"
 EOF
 
-# The state of the run here for watch, in the last line: `run: STATE`. running; done (exit status
-# 0 after the trainer's last words, "Done: step N" or "The run in ... is complete", which come
-# first); stopped (ended otherwise with status 0, e.g. at a SIGTERM, or killed); failed (another
-# status; after the end of the log); none (no run here yet).
+# For watch: the state of the run here, as the last line `run: STATE`. running; done (ended with
+# exit status 0 after the trainer's "Done: step N" or "The run in ... is complete", which is
+# printed first); stopped (ended otherwise with status 0, e.g. after a SIGTERM, or killed);
+# failed (another status; the end of the log is printed first); none (no run here yet).
 heredoc RUN_STATE_BODY <<'EOF'
 if run_alive; then
   state='running'
@@ -407,8 +410,8 @@ ssh_workers() {
   if ((status)); then
     where="worker $worker"
     [[ $worker != all ]] || where='at least one worker'
-    fail "$name failed on $where (gcloud ssh --worker=$worker: exit status $status); the" \
-      "workers' messages are above"
+    fail "$name failed on $where (gcloud ssh --worker=$worker: exit status $status): see the" \
+      'messages above'
   fi
 }
 
@@ -787,6 +790,7 @@ cmd_watch() {
       READY)
         read_run_state
         [[ $run == "$seen_run" ]] || note_watch "run $run on worker 0"
+        [[ $run != unreachable || $seen_run == unreachable ]] || note_watch "ssh: $detail"
         seen_run=$run
         case $run in
           running) started=1 idle_since=-1 ;;
@@ -796,7 +800,7 @@ cmd_watch() {
             ;;
           failed)
             note_watch "the run failed: watch ends without restarting it; the end of its log:"
-            printf '%s\n' "$detail" >&2
+            printf '%s\n' "$detail" | tee -a "$log_file" >&2
             exit 1
             ;;
           none | stopped)
@@ -816,7 +820,7 @@ cmd_watch() {
               fresh=0 idle_since=-1
             fi
             ;;
-          *) note_watch "worker 0 does not answer: $detail" ;;
+          unreachable) ;;  # ask again at the next look
         esac
         ;;
     esac

@@ -799,7 +799,7 @@ def test_a_failure_on_one_worker_fails_the_command_and_says_so(tmp_path, cloud):
   assert 't-w-1: no ' in proc.stderr and 'launch/tpu.sh setup' in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
     'launch/tpu.sh: error: train failed on at least one worker (gcloud ssh --worker=all: exit '
-    "status 1); the workers' messages are above"
+    'status 1): see the messages above'
   )
 
 

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 
-CLOUD = pathlib.Path(os.environ.get('FAKE_CLOUD', '.'))
+CLOUD = pathlib.Path(os.environ['FAKE_CLOUD'])
 
 
 def option(argv: list[str], name: str) -> str | None:

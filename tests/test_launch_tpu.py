@@ -146,6 +146,7 @@ class Laptop:
       write_program(self.bin / name, RECORDER)
     write_program(self.bin / 'python', RECORDER)  # the venv python that the fake uv makes
     self.log = tmp_path / 'gcloud.jsonl'
+    self.background: list[subprocess.Popen] = []
     self.env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     self.env.update(PATH=f'{self.bin}{os.pathsep}{os.environ["PATH"]}', FAKE_LOG=str(self.log))
 
@@ -165,14 +166,18 @@ class Laptop:
     return self.run('--tpu', 't', '--zone', ZONE, *args, **kwargs)
 
   def start(self, *args: str, out: pathlib.Path, env: dict | None = None) -> subprocess.Popen:
-    """``tpu(*args)`` in the background, its stdout and stderr to ``out``."""
+    """``tpu(*args)`` in the background (its own process group, in ``background``), its stdout
+    and stderr to ``out``."""
     with out.open('w') as f:
-      return subprocess.Popen(
+      proc = subprocess.Popen(
         [str(self.script), '--tpu', 't', '--zone', ZONE, *args],
         env={**self.env, **(env or {})},
         stdout=f,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
       )
+    self.background.append(proc)
+    return proc
 
   def calls(self) -> list[list[str]]:
     if not self.log.exists():
@@ -245,11 +250,23 @@ def repo(tmp_path):
   shutil.copy(SCRIPT, repo / 'launch' / 'tpu.sh')
   shutil.copy(REPO / 'requirements.txt', repo / 'requirements.txt')
   (repo / 'pkg.py').write_text('VERSION = 1\n')
-  git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t', '-c']
-  subprocess.run(git[:3] + ['init', '-q'], check=True)
-  subprocess.run(git[:3] + ['add', '.'], check=True)
-  subprocess.run(git + ['commit.gpgsign=false', 'commit', '-q', '-m', 'c'], check=True)
+  commit_all(repo)
   return repo
+
+
+def git(repo: pathlib.Path, *args: str) -> None:
+  subprocess.run(
+    ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
+    + ['-c', 'commit.gpgsign=false', *args],
+    check=True,
+  )
+
+
+def commit_all(repo: pathlib.Path) -> None:
+  """``repo`` made a git checkout whose one commit holds all its files."""
+  git(repo, 'init', '-q')
+  git(repo, 'add', '.')
+  git(repo, 'commit', '-q', '-m', 'c')
 
 
 def git_show(repo: pathlib.Path, what: str) -> str:
@@ -440,8 +457,7 @@ def test_push_and_setup_of_another_commit(tmp_path, repo, worker):
   laptop = Laptop(tmp_path, repo / 'launch' / 'tpu.sh')
   first = head(repo)
   (repo / 'requirements.txt').write_text('jax==0.0.1\n')
-  git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
-  subprocess.run(git + ['commit', '-q', '-am', 'another lock'], check=True)
+  git(repo, 'commit', '-q', '-am', 'another lock')
   (repo / 'pkg.py').write_text('VERSION = 3\n')  # uncommitted: --commit does not look
   laptop.tpu('push', '--commit', first[:8])
   _, ssh = laptop.calls()
@@ -742,10 +758,16 @@ class Cloud:
   def home(self, worker: int = 0) -> pathlib.Path:
     return self.root / 't' / f'w{worker}'
 
-  def groups(self) -> list[int]:
-    """The process groups of the runs on the TPU's workers."""
-    pidfiles = self.root.glob('t/w*/diffusion_jax/logs/train.pid')
+  def groups(self, tpu: str = 't') -> list[int]:
+    """The process groups of the runs on the workers of ``tpu`` (* for all)."""
+    pidfiles = self.root.glob(f'{tpu}/w*/diffusion_jax/logs/train.pid')
     return [int(p.read_text()) for p in pidfiles if p.read_text().strip()]
+
+  def close(self) -> None:
+    """Ends what a failed test may leave running: the laptop's background commands, the runs."""
+    for group in [p.pid for p in self.laptop.background] + self.groups('*'):
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
   def running(self, workers: int = 1) -> bool:
     """Whether the run is alive on ``workers`` workers."""
@@ -785,7 +807,9 @@ def alive(group: int) -> bool:
 def cloud(tmp_path, repo):
   """A fake cloud for the launcher of ``repo``, with the fake trainer."""
   write_program(tmp_path / 'trainer', TRAINER)
-  return Cloud(tmp_path, Laptop(tmp_path, repo / 'launch' / 'tpu.sh'), str(tmp_path / 'trainer'))
+  cloud = Cloud(tmp_path, Laptop(tmp_path, repo / 'launch' / 'tpu.sh'), str(tmp_path / 'trainer'))
+  yield cloud
+  cloud.close()
 
 
 def test_a_failure_on_one_worker_fails_the_command_and_says_so(tmp_path, cloud):
@@ -926,7 +950,9 @@ def test_watch_usage_errors_are_its_commands_own(laptop, args, message):
 
 
 @pytest.mark.slow
-def test_watch_brings_a_twice_preempted_run_to_the_end_of_an_uninterrupted_one(tmp_path, data_dir):
+def test_watch_brings_a_twice_preempted_run_to_the_end_of_an_uninterrupted_one(
+  tmp_path, data_dir, request
+):
   """Issue 22's "done when": the real trainer on a fake spot TPU (single process, JAX on 2 CPU
   devices), preempted twice mid-run (with a SIGTERM notice, then without), finishes with the
   state of a run that nobody interrupted."""
@@ -941,15 +967,13 @@ def test_watch_brings_a_twice_preempted_run_to_the_end_of_an_uninterrupted_one(t
   for part in ('diffusion_jax', 'configs', 'launch'):
     shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns('__pycache__'))
   shutil.copy(REPO / 'requirements.txt', repo)
-  git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
-  subprocess.run(git + ['init', '-q'], check=True)
-  subprocess.run(git + ['add', '.'], check=True)
-  subprocess.run(git + ['-c', 'commit.gpgsign=false', 'commit', '-q', '-m', 'c'], check=True)
+  commit_all(repo)
   cloud = Cloud(
     tmp_path,
     Laptop(tmp_path, repo / 'launch' / 'tpu.sh'),
     f'env JAX_PLATFORMS=cpu {sys.executable}',
   )
+  request.addfinalizer(cloud.close)
   steps = 40
   flags = [
     f'--config.dataset.data_dir={data_dir}',

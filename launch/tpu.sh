@@ -73,7 +73,8 @@
 #       WATCH_MAX_RESTARTS, 10). Each event is one line, with the time, the state seen and
 #       the restart count, on stderr and in FILE (WATCH_LOG, default
 #       ~/.local/state/diffusion_jax/watch_<TPU>.log). To end the run by hand, end watch
-#       first (Ctrl-C), then stop.
+#       first (Ctrl-C), then stop. The first word train ends CREATE_ARGS (gcloud flags:
+#       --flag=value).
 #
 # Example (v3-8):
 #   export TPU_NAME=ddpm ZONE=europe-west4-a
@@ -83,6 +84,9 @@
 #       --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
 #   launch/tpu.sh logs --follow
 #   launch/tpu.sh stop && launch/tpu.sh delete
+# or all of it, brought back after each preemption:
+#   launch/tpu.sh watch create --accelerator-type v3-8 --spot train configs/cifar10.py \
+#       gs://BUCKET/cifar10 --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

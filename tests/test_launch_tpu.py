@@ -299,7 +299,7 @@ def test_every_launch_script_runs_as_a_program(script):
 def test_help_lists_every_command(laptop):
   out = laptop.run('--help').stdout
   assert out.startswith('Trains diffusion_jax on a Cloud TPU VM')
-  for command in ('create', 'push', 'setup', 'train', 'logs', 'status', 'stop', 'delete'):
+  for command in ('create', 'push', 'setup', 'train', 'logs', 'status', 'stop', 'delete', 'watch'):
     assert f'\n  {command}' in out
   assert laptop.run('train', '--help').stdout == out  # no TPU name needed for help
   assert laptop.calls() == []

@@ -2,14 +2,22 @@
 # Trains diffusion_jax on a Cloud TPU VM, from a single-host v3-8 up to multi-host pod slices, from
 # a laptop with the Google Cloud SDK. Walk-through: docs/cloud_tpu.md.
 #
-# Usage: launch/tpu.sh [--tpu NAME] [--zone ZONE] [--project P] [--dry-run] COMMAND [ARGS...]
+# Usage: launch/tpu.sh [--tpu NAME] [--zone ZONE] [--project P]
+#                      [--internal-ip | --tunnel-through-iap] [--dry-run] COMMAND [ARGS...]
 #
 # Global options (before COMMAND), or the environment variable named on the right:
-#   --tpu NAME      TPU_NAME  the TPU VM (with --queued also the queued resource)  required
-#   --zone ZONE     ZONE      its zone, e.g. us-central1-a, europe-west4-a          required
-#   --project P     PROJECT   the project (default: gcloud's core/project)
-#   --dry-run                 print every command, one per line, shell-quoted, and run nothing
-#   -h, --help                this text
+#   --tpu NAME            TPU_NAME                  the TPU VM (with --queued also the queued
+#                                                   resource); required
+#   --zone ZONE           ZONE                      its zone, e.g. us-central1-a; required
+#   --project P           PROJECT                   the project (default: gcloud's core/project)
+#   --internal-ip         TPU_INTERNAL_IP=1         ssh and scp to the workers' internal IPs (a
+#                                                   TPU created with `-- --internal-ips`, from a
+#                                                   machine in its network or VPN)
+#   --tunnel-through-iap  TPU_TUNNEL_THROUGH_IAP=1  ssh and scp through Identity-Aware Proxy (no
+#                                                   external IP needed; gcloud's alpha commands)
+#   --dry-run                                       print every command, one per line,
+#                                                   shell-quoted, and run nothing
+#   -h, --help                                      this text
 #
 # Commands, in the order of a run:
 #   create --accelerator-type TYPE [--version RUNTIME] [--spot] [--queued] [-- GCLOUD_FLAGS...]
@@ -19,16 +27,16 @@
 #       v2-alpha-tpuv6e (v6e). TPU7x and later: the Cloud TPU API (gcloud compute tpus) does not
 #       support them; use GKE (docs/cloud_tpu.md). GCLOUD_FLAGS go to gcloud as they are
 #       (--service-account=...).
-#   push [--allow-dirty]
+#   push [--allow-dirty | --commit COMMIT]
 #       The current commit (git archive HEAD) to ~/diffusion_jax on every worker, replacing the
 #       code there but keeping .venv and logs; writes the commit id to ~/diffusion_jax/COMMIT.
 #       Refuses uncommitted changes to tracked files unless --allow-dirty (even then only the
-#       committed code is pushed).
-#   setup
+#       committed code is pushed). --commit: COMMIT instead of HEAD.
+#   setup [--commit COMMIT]
 #       On every worker, once (again after requirements.txt changes): uv (pip --user), Python
 #       PYTHON_VERSION (3.13; uv), ~/diffusion_jax/.venv with every pin of the lock file of that
 #       Python (requirements.txt; libtpu included, from the package index) and the package. Run
-#       push first.
+#       push first: it refuses a lock file that is not the one of COMMIT (HEAD).
 #   train CONFIG WORKDIR [FLAGS...]
 #       On every worker, detached (it outlives the ssh session): python -m diffusion_jax.main
 #       --config=CONFIG --workdir=WORKDIR --distributed
@@ -36,18 +44,37 @@
 #       passed as they are (--config.model.ch_mult='(1,1,2,2,4,4)', --nodistributed, ...).
 #       WORKDIR must be gs://BUCKET/... on a multi-host slice. The log of each host is
 #       ~/diffusion_jax/logs/train_<hostname>.log there, copied to WORKDIR/logs/ every
-#       LOG_SYNC_SECONDS (60) seconds and at exit. The same command again resumes the run.
+#       LOG_SYNC_SECONDS (60) seconds and at exit (a copy that fails is reported once in the
+#       log, with the fix; status shows it). It fails, with the end of the log, if the run
+#       ends with an error within START_CHECK_SECONDS (10). The same command again resumes
+#       the run.
 #   logs [--worker N|all] [--follow] [--lines N]
 #       The last N (100) lines of a worker's (0) training log; --follow keeps following it.
 #   status
 #       The TPU (gcloud describe), then on every worker: the pushed commit, the training
-#       processes and the last lines of the log.
+#       processes, failed log copies and the last lines of the log.
 #   stop [--grace SECONDS]
 #       On every worker: SIGTERM to the run (it saves a checkpoint and exits, as on a
 #       preemption), SIGKILL after SECONDS (120), then any process still holding the TPU,
 #       and the libtpu lockfile (/tmp/libtpu_lockfile).
 #   delete [--queued]
 #       Deletes the TPU VM (--queued: the queued resource and its node).
+#   watch [--poll SECONDS] [--max-restarts N] [--log FILE]
+#         create CREATE_ARGS... train CONFIG WORKDIR [FLAGS...]
+#       Keeps a spot or queued run going without a person, from a laptop or a small VM (in
+#       tmux or nohup). Every SECONDS (WATCH_POLL_SECONDS, 60) it reads the TPU's state. A TPU
+#       that is PREEMPTED, TERMINATED, SUSPENDED, FAILED or gone is deleted and made again
+#       (create CREATE_ARGS...), then push and setup of the commit checked out when watch
+#       started, and train CONFIG WORKDIR FLAGS..., which resumes from WORKDIR's latest
+#       checkpoint (gs://). A READY TPU without the run gets it the same way (if it had it,
+#       after WATCH_IDLE_SECONDS, 120: a preempted TPU may say READY for a while). It ends
+#       when the run on worker 0 has ended with "Done: step N" and exit status 0 (0), when
+#       the run fails (1), or when the TPU needs an (N+1)th restart (1; N:
+#       WATCH_MAX_RESTARTS, 10). Each event is one line, with the time, the state seen and
+#       the restart count, on stderr and in FILE (WATCH_LOG, default
+#       ~/.local/state/diffusion_jax/watch_<TPU>.log). To end the run by hand, end watch
+#       first (Ctrl-C), then stop. The first word train ends CREATE_ARGS (gcloud flags:
+#       --flag=value).
 #
 # Example (v3-8):
 #   export TPU_NAME=ddpm ZONE=europe-west4-a
@@ -57,6 +84,9 @@
 #       --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
 #   launch/tpu.sh logs --follow
 #   launch/tpu.sh stop && launch/tpu.sh delete
+# or all of it, brought back after each preemption:
+#   launch/tpu.sh watch create --accelerator-type v3-8 --spot train configs/cifar10.py \
+#       gs://BUCKET/cifar10 --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -66,23 +96,40 @@ tpu=${TPU_NAME:-}
 zone=${ZONE:-}
 python_version=${PYTHON_VERSION:-3.13}  # the main line of requirements.txt
 project=${PROJECT:-}
+internal_ip=${TPU_INTERNAL_IP:-0}
+iap=${TPU_TUNNEL_THROUGH_IAP:-0}
 dry_run=0
-scope=()  # --zone=... [--project=...], for every gcloud command
+scope=()   # --zone=... [--project=...], for every gcloud command
+remote=()  # gcloud [alpha] compute tpus tpu-vm, for ssh and scp (alpha: through IAP)
+reach=()   # --internal-ip or --tunnel-through-iap, for ssh and scp
 
 # --- remote scripts ---------------------------------------------------------------------------
-# Each runs in bash on the workers (ssh --command), after `set -euo pipefail` and the assignments
-# that remote_script() puts in front (values quoted with printf %q).
+# Each runs in bash on the workers (ssh --command), after `set -euo pipefail`, the assignments
+# that remote_script() puts in front (values quoted with printf %q) and WORKER_BODY.
 
 # Reads a here-document into the variable $1 (read -d '' stops at the end: status 1).
 heredoc() { IFS= read -r -d '' "$1" || true; }
 
+# What every remote script knows: the code, this host's training log, the run's process group.
+heredoc WORKER_BODY <<'EOF'
+dir=$HOME/diffusion_jax
+host=$(hostname)
+# shellcheck disable=SC2034  # not every script reads the log
+log=$dir/logs/train_$host.log
+pidfile=$dir/logs/train.pid
+# Whether the run that train started is alive (its process group, named in $pidfile).
+run_alive() { [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; }
+# The latest run's lines of the log: from the header that train writes on.
+latest_run() {
+  awk '/^=== .*, commit .*: python /{n = 0} {line[n++] = $0}
+    END {for (i = 0; i < n; i++) print line[i]}' "$log"
+}
+EOF
+
 # Sets: commit.
 heredoc PUSH_BODY <<'EOF'
-dir=$HOME/diffusion_jax
 archive=$HOME/diffusion_jax.tar.gz
-host=$(hostname)
-pidfile=$dir/logs/train.pid
-if [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; then
+if run_alive; then
   echo "$host: a run is in progress: launch/tpu.sh stop first" >&2
   exit 1
 fi
@@ -94,13 +141,12 @@ printf '%s\n' "$commit" > "$dir/COMMIT"
 echo "$host: $dir is commit $commit"
 EOF
 
-# Sets: lock (the lock file of python_version), lock_sum (its sha1 on the laptop), python_version.
+# Sets: commit, lock (the lock file of python_version), lock_sum (its sha1 at commit),
+# python_version.
 heredoc SETUP_BODY <<'EOF'
-dir=$HOME/diffusion_jax
-host=$(hostname)
 cd "$dir" 2>/dev/null || { echo "$host: no $dir: run launch/tpu.sh push first" >&2; exit 1; }
 if [[ ! -f $lock ]] || [[ $(sha1sum < "$lock" | cut -c1-40) != "$lock_sum" ]]; then
-  echo "$host: $dir/$lock is not the local checkout's: run launch/tpu.sh push first" >&2
+  echo "$host: $dir/$lock is not the one of commit $commit: run launch/tpu.sh push first" >&2
   exit 1
 fi
 # The image's python3 may be 3.10: it only installs uv, which brings Python $python_version.
@@ -118,7 +164,7 @@ print("Python", sys.version.split()[0], "jax", v("jax"), "libtpu", v("libtpu"))'
   | sed "s/^/$host: ready: /"
 EOF
 
-# Sets: workdir, args (the arguments of python), log_sync_seconds.
+# Sets: workdir, args (the arguments of python), log_sync_seconds, start_check_seconds.
 heredoc TRAIN_BODY <<'EOF'
 # Runs in its own session (setsid): the trainer with its output appended to $log, the log copied
 # to $dest every $interval seconds and at the end. SIGTERM (stop, preemption) goes to the
@@ -140,26 +186,42 @@ runner() {
   done
   wait "$py" && rc=0 || rc=$?
   echo "=== $(date -u +%FT%TZ) exit status $rc" >> "$log"
-  copy_log "$log" "$dest" || echo "=== could not copy this log to $dest" >> "$log"
+  copy_log "$log" "$dest" || true
   rm -f "$pidfile"
   return "$rc"
 }
+# Copies the log $1 to $2. The first failure (copy_failed) is reported in the log itself, with
+# gcloud's error and the fix; status shows it.
 copy_log() {
+  local error bucket account
   case $2 in
-    gs://*) gcloud storage cp --quiet "$1" "$2" > /dev/null 2>&1 ;;
-    *) mkdir -p "$(dirname "$2")" && cp "$1" "$2" ;;
+    gs://*) error=$(gcloud storage cp --quiet "$1" "$2" 2>&1 > /dev/null) && return 0 ;;
+    *) error=$({ mkdir -p "$(dirname "$2")" && cp "$1" "$2"; } 2>&1) && return 0 ;;
   esac
+  ((copy_failed)) && return 1
+  copy_failed=1
+  {
+    echo "=== log copy: FAILED, this log cannot be copied to $2 (reported once):"
+    echo "=== log copy:   ${error//$'\n'/$'\n'=== log copy:   }"
+    if [[ $2 == gs://* ]]; then
+      bucket=${2#gs://}
+      account=$(gcloud config get-value account 2>/dev/null) || true
+      echo "=== log copy: fix: let the VM's service account write the bucket (docs/cloud_tpu.md," \
+        "section 3):"
+      echo "=== log copy:   gcloud storage buckets add-iam-policy-binding gs://${bucket%%/*}" \
+        "--member=serviceAccount:${account:-SERVICE_ACCOUNT} --role=roles/storage.objectAdmin"
+    fi
+  } >> "$1"
+  return 1
 }
+# The exit status that the runner wrote after line $start of the log (empty while it runs).
+exit_status() { sed -n "$((start + 1)),\$ s/^=== .* exit status \([0-9]*\)\$/\1/p" "$log"; }
 
-dir=$HOME/diffusion_jax
-host=$(hostname)
-log=$dir/logs/train_$host.log
-pidfile=$dir/logs/train.pid
 if [[ ! -x $dir/.venv/bin/python ]]; then
   echo "$host: no $dir/.venv: run launch/tpu.sh push, then launch/tpu.sh setup" >&2
   exit 1
 fi
-if [[ -s $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; then
+if run_alive; then
   echo "$host: a run is in progress (process group $(cat "$pidfile")): launch/tpu.sh stop first" >&2
   exit 1
 fi
@@ -170,17 +232,32 @@ mkdir -p logs
   printf ' %q' python "${args[@]}"
   echo
 } >> "$log"
+start=$(wc -l < "$log")
 JAX_PLATFORMS=tpu TF_CPP_MIN_LOG_LEVEL=2 setsid nohup bash -c \
-  "$(declare -f runner copy_log)"'; runner "$@"' runner \
+  "$(declare -f runner copy_log)"'; copy_failed=0; runner "$@"' runner \
   "$pidfile" "$log" "${workdir%/}/logs/train_$host.log" "$log_sync_seconds" \
   "$dir/.venv/bin/python" "${args[@]}" > /dev/null 2>&1 < /dev/null &
-echo "$host: training in the background, log $log"
+# A run that ends within start_check_seconds (a bad flag, a busy TPU) fails this command.
+for ((i = 0; i < 5 * start_check_seconds; i++)); do
+  [[ -z $(exit_status) ]] || break
+  sleep 0.2
+done
+if [[ -z $(exit_status) ]] && run_alive; then
+  echo "$host: training in the background, log $log"
+  exit 0
+fi
+status=$(exit_status)  # read after run_alive: the run may have ended in between
+if [[ $status == 0 ]]; then
+  echo "$host: the run ended at once, with exit status 0 (complete already?); log $log"
+else
+  echo "$host: the run ended at once, with exit status ${status:-unknown}; the end of $log:" >&2
+  tail -n 20 "$log" >&2
+  exit 1
+fi
 EOF
 
 # Sets: lines, follow, prefix.
 heredoc LOGS_BODY <<'EOF'
-host=$(hostname)
-log=$HOME/diffusion_jax/logs/train_$host.log
 if [[ ! -f $log ]]; then
   echo "$host: no training log yet ($log)" >&2
   exit 1
@@ -193,9 +270,6 @@ fi
 EOF
 
 heredoc STATUS_BODY <<'EOF'
-dir=$HOME/diffusion_jax
-host=$(hostname)
-log=$dir/logs/train_$host.log
 {
   echo "code: commit $(cat "$dir/COMMIT" 2>/dev/null || echo 'none (launch/tpu.sh push)')"
   # The brackets keep this shell, whose command line holds the pattern, out of the match.
@@ -205,40 +279,61 @@ log=$dir/logs/train_$host.log
     echo 'training: not running'
   fi
   if [[ -f $log ]]; then
+    latest_run | grep '^=== log copy: ' || true  # copies to WORKDIR/logs/ that failed
     echo "last lines of $log:"
     tail -n 5 "$log"
   fi
 } 2>&1 | sed "s/^/$host: /"
 EOF
 
+# For watch: the state of the run here, as the last line `run: STATE`. running; done (ended with
+# exit status 0 after the trainer's "Done: step N" or "The run in ... is complete", which is
+# printed first); stopped (ended otherwise with status 0, e.g. after a SIGTERM, or killed);
+# failed (another status; the end of the log is printed first); none (no run here yet).
+heredoc RUN_STATE_BODY <<'EOF'
+if run_alive; then
+  state='running'
+elif [[ ! -f $log ]]; then
+  state='none'
+else
+  run=$(latest_run)
+  status=$(sed -n 's/^=== .* exit status \([0-9]*\)$/\1/p' <<< "$run")
+  if [[ $status == 0 ]] && grep -E '  (Done: step [0-9]+ |The run in .* is complete)' <<< "$run"; then
+    state='done'
+  elif [[ -z $status || $status == 0 ]]; then
+    state='stopped'
+  else
+    tail -n 20 <<< "$run"
+    state='failed'
+  fi
+fi
+echo "run: $state"
+EOF
+
 # Sets: grace.
 heredoc STOP_BODY <<'EOF'
-host=$(hostname)
-pidfile=$HOME/diffusion_jax/logs/train.pid
-if [[ -s $pidfile ]]; then
+if run_alive; then
   group=$(cat "$pidfile")
+  echo "$host: SIGTERM to the run (process group $group): it saves a checkpoint and exits"
+  kill -TERM -- "-$group" 2>/dev/null || true
+  for ((i = 0; i < grace; i++)); do
+    kill -0 -- "-$group" 2>/dev/null || break  # the whole group: the runner outlives the pidfile
+    sleep 1
+  done
   if kill -0 -- "-$group" 2>/dev/null; then
-    echo "$host: SIGTERM to the run (process group $group): it saves a checkpoint and exits"
-    kill -TERM -- "-$group" 2>/dev/null || true
-    for ((i = 0; i < grace; i++)); do
-      kill -0 -- "-$group" 2>/dev/null || break
-      sleep 1
-    done
-    if kill -0 -- "-$group" 2>/dev/null; then
-      echo "$host: still running after ${grace}s: SIGKILL"
-      kill -KILL -- "-$group" 2>/dev/null || true
-    fi
+    echo "$host: still running after ${grace}s: SIGKILL"
+    kill -KILL -- "-$group" 2>/dev/null || true
   fi
-  rm -f "$pidfile"
 fi
+rm -f "$pidfile"
 read -ra left <<< "$(pgrep -f '[d]iffusion_jax[.]main' | tr '\n' ' ' || true)"
 if ((${#left[@]})); then
   echo "$host: SIGKILL to trainers started otherwise: ${left[*]}"
   kill -KILL "${left[@]}" 2>/dev/null || true
 fi
-# The TPU chips: /dev/accel* (v2-v4, v5p), /dev/vfio/* (v5e, v6e).
-shopt -s nullglob
-chips=(/dev/accel* /dev/vfio/[0-9]*)
+# The TPU chips' device files (/dev/accel*, /dev/vfio/N), as the pushed code lists them; none
+# without it.
+read -ra chips <<< "$(python3 "$dir/diffusion_jax/accelerator.py" --tpu-chips 2>/dev/null || true)"
 if ((${#chips[@]})); then
   read -ra holders <<< "$({ sudo lsof -t "${chips[@]}" 2>/dev/null \
     || sudo fuser "${chips[@]}" 2>/dev/null; } | tr -s ' \n' ' ' || true)"
@@ -290,7 +385,8 @@ run() {
   fi
 }
 
-# The complete script for the workers: strict mode, the assignments NAME=VALUE (quoted), BODY.
+# The complete script for the workers: strict mode, the assignments NAME=VALUE (quoted),
+# WORKER_BODY, BODY.
 remote_script() {
   local body=$1 assignment
   shift
@@ -298,16 +394,29 @@ remote_script() {
   for assignment in "$@"; do
     printf '%s=%q\n' "${assignment%%=*}" "${assignment#*=}"
   done
-  printf '%s' "$body"
+  printf '%s%s' "$WORKER_BODY" "$body"
 }
 
-# ssh_workers WORKER NAME SCRIPT: runs SCRIPT on worker WORKER (a number or all), in the login
-# shell of the TPU VM's users, bash (gcloud's users are made with /bin/bash).
+# ssh_command WORKER: in the array ssh, the gcloud command (to add --command=...) that runs a
+# command on worker WORKER (a number or all) in the login shell of the TPU VM's users, bash
+# (gcloud's users are made with /bin/bash).
+ssh_command() {
+  ssh=("${remote[@]}" ssh "$tpu" "${scope[@]}" --worker="$1" ${reach[@]+"${reach[@]}"})
+}
+
+# ssh_workers WORKER NAME SCRIPT: runs SCRIPT on worker WORKER; fails if it fails on any worker
+# (gcloud's status).
 ssh_workers() {
-  local worker=$1 name=$2 script=$3 shown
-  shown="gcloud compute tpus tpu-vm ssh $tpu $(quote "${scope[@]}") --worker=$worker"
-  run "$shown --command=<the $name script; --dry-run prints it>" \
-    gcloud compute tpus tpu-vm ssh "$tpu" "${scope[@]}" --worker="$worker" --command="$script"
+  local worker=$1 name=$2 script=$3 where status=0
+  ssh_command "$worker"
+  run "$(quote "${ssh[@]}") --command=<the $name script; --dry-run prints it>" \
+    "${ssh[@]}" --command="$script" || status=$?
+  if ((status)); then
+    where="worker $worker"
+    [[ $worker != all ]] || where='at least one worker'
+    fail "$name failed on $where (gcloud ssh --worker=$worker: exit status $status): see the" \
+      'messages above'
+  fi
 }
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || usage_error "$1 needs a value"; }
@@ -368,17 +477,17 @@ cmd_create() {
   note "next: $PROG push, then $PROG setup"
 }
 
-cmd_push() {
-  local allow_dirty=0 commit tmp archive
-  while (($#)); do
-    case $1 in
-      --allow-dirty) allow_dirty=1 ;;
-      *) usage_error "push: unknown argument $1 (see --help)" ;;
-    esac
-    shift
-  done
-  commit=$(git -C "$REPO_ROOT" rev-parse --verify HEAD 2>/dev/null) \
-    || fail "$REPO_ROOT is not a git checkout with a commit: push sends the current commit"
+# The commit id of $1 (HEAD, an id, a branch) in this checkout.
+commit_id() {
+  git -C "$REPO_ROOT" rev-parse --verify --quiet "$1^{commit}" \
+    || fail "no commit $1 in $REPO_ROOT: push and setup send a commit of this git checkout"
+}
+
+# The commit that push sends by default: HEAD, without uncommitted changes to tracked files
+# unless $1 (--allow-dirty).
+head_commit() {
+  local allow_dirty=$1 commit
+  commit=$(commit_id HEAD)
   if [[ -n $(git -C "$REPO_ROOT" status --porcelain --untracked-files=no) ]]; then
     if ((allow_dirty)); then
       note "uncommitted changes are NOT pushed: only commit $commit is (--allow-dirty)"
@@ -389,6 +498,25 @@ cmd_push() {
         "so that every host runs it; commit them (or pass --allow-dirty to push $commit anyway)"
     fi
   fi
+  echo "$commit"
+}
+
+cmd_push() {
+  local allow_dirty=0 commit='' tmp archive
+  while (($#)); do
+    case $1 in
+      --allow-dirty) allow_dirty=1 ;;
+      --commit) need_value "$@"; commit=$2; shift ;;
+      --commit=*) commit=${1#*=} ;;
+      *) usage_error "push: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+  if [[ -n $commit ]]; then
+    commit=$(commit_id "$commit")
+  else
+    commit=$(head_commit "$allow_dirty")
+  fi
   if ((dry_run)); then
     archive=${TMPDIR:-/tmp}/diffusion_jax.tar.gz
   else
@@ -398,37 +526,48 @@ cmd_push() {
     archive=$tmp/diffusion_jax.tar.gz
   fi
   run '' git -C "$REPO_ROOT" archive --format=tar.gz -o "$archive" "$commit"
-  run '' gcloud compute tpus tpu-vm scp "$archive" "$tpu:~/diffusion_jax.tar.gz" --worker=all \
-    "${scope[@]}"
+  run '' "${remote[@]}" scp "$archive" "$tpu:~/diffusion_jax.tar.gz" --worker=all "${scope[@]}" \
+    ${reach[@]+"${reach[@]}"}
   ssh_workers all push "$(remote_script "$PUSH_BODY" "commit=$commit")"
 }
 
 cmd_setup() {
-  local lock=requirements.txt lock_sum
-  (($# == 0)) || usage_error "setup takes no arguments (got $1)"
+  local lock=requirements.txt lock_sum commit=HEAD
+  while (($#)); do
+    case $1 in
+      --commit) need_value "$@"; commit=$2; shift ;;
+      --commit=*) commit=${1#*=} ;;
+      *) usage_error "setup: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
   case $python_version in
     3.11) lock=requirements-py311.txt ;;
     3.12 | 3.13) ;;
     *) usage_error "PYTHON_VERSION=$python_version: the supported ones are 3.11, 3.12 and 3.13" ;;
   esac
-  [[ -f $REPO_ROOT/$lock ]] || fail "no $REPO_ROOT/$lock"
-  lock_sum=$(sha1sum < "$REPO_ROOT/$lock" | cut -c1-40)
-  ssh_workers all setup "$(remote_script "$SETUP_BODY" "lock=$lock" "lock_sum=$lock_sum" \
-    "python_version=$python_version")"
+  commit=$(commit_id "$commit")
+  git -C "$REPO_ROOT" cat-file -e "$commit:$lock" 2>/dev/null || fail "commit $commit has no $lock"
+  lock_sum=$(git -C "$REPO_ROOT" show "$commit:$lock" | sha1sum | cut -c1-40)
+  ssh_workers all setup "$(remote_script "$SETUP_BODY" "commit=$commit" "lock=$lock" \
+    "lock_sum=$lock_sum" "python_version=$python_version")"
 }
 
 cmd_train() {
-  local config workdir args arg prelude
+  local config workdir args arg prelude start_check_seconds=${START_CHECK_SECONDS:-10}
   if [[ $# -lt 2 || $1 == -* || $2 == -* ]]; then
     usage_error 'train needs CONFIG WORKDIR [FLAGS...] (e.g. configs/cifar10.py gs://BUCKET/cifar10)'
   fi
   config=$1 workdir=$2
   shift 2
+  [[ $start_check_seconds =~ ^[0-9]+$ ]] \
+    || usage_error "START_CHECK_SECONDS takes seconds, not $start_check_seconds"
   [[ $workdir == gs://* ]] || note "WORKDIR $workdir is a folder on each host: fine on one host;" \
     "a multi-host slice needs gs://BUCKET/... (one checkpoint directory for all hosts)"
   args=(-m diffusion_jax.main --config="$config" --workdir="$workdir" --distributed
     --jax_compilation_cache_dir="${workdir%/}/jax_cache" "$@")
-  prelude=$(remote_script '' "workdir=$workdir" "log_sync_seconds=${LOG_SYNC_SECONDS:-60}")
+  prelude=$(remote_script '' "workdir=$workdir" "log_sync_seconds=${LOG_SYNC_SECONDS:-60}" \
+    "start_check_seconds=$start_check_seconds")
   prelude+=$'\nargs=('
   for arg in "${args[@]}"; do
     prelude+=$(printf ' %q' "$arg")
@@ -499,6 +638,200 @@ cmd_delete() {
   fi
 }
 
+# --- watch: these run inside cmd_watch and use its variables ------------------------------------
+
+# One line of the watcher, with the time: on stderr and in its log.
+note_watch() {
+  local line
+  line="$(date -u +%FT%TZ) $*"
+  echo "$PROG: watch: $line" >&2
+  echo "$line" >> "$log_file"
+}
+
+# describe_state KIND FORMAT: the state that `gcloud compute tpus KIND describe` gives, GONE if
+# there is no such resource, UNKNOWN if gcloud cannot tell (noted).
+describe_state() {
+  local state
+  if state=$(gcloud compute tpus "$1" describe "$tpu" "${scope[@]}" --format="$2" 2> "$errors"); then
+    echo "${state:-UNKNOWN}"
+  elif grep -qE 'NOT_FOUND|not found' "$errors"; then
+    echo GONE
+  else
+    note_watch "gcloud compute tpus $1 describe failed: $(tail -n 1 "$errors")"
+    echo UNKNOWN
+  fi
+}
+
+# The TPU's state: its node's (READY, CREATING, PREEMPTED, TERMINATED, ...); with --queued the
+# queued resource's until it is ACTIVE (WAITING_FOR_RESOURCES, SUSPENDED, FAILED, ...), then its
+# node's, VM_GONE if that is gone.
+tpu_state() {
+  local state
+  if ((queued)); then
+    state=$(describe_state queued-resources 'value(state.state)')
+    if [[ $state != ACTIVE ]]; then
+      echo "$state"
+      return
+    fi
+  fi
+  state=$(describe_state tpu-vm 'value(state)')
+  if ((queued)) && [[ $state == GONE ]]; then
+    state=VM_GONE
+  fi
+  echo "$state"
+}
+
+# Sets run (RUN_STATE_BODY's state of worker 0's run; unreachable if ssh fails) and detail (the
+# lines before it, or ssh's error).
+read_run_state() {
+  local out
+  ssh_command 0
+  if out=$("${ssh[@]}" --command="$(remote_script "$RUN_STATE_BODY")" 2> "$errors") \
+    && [[ $out == *'run: '* ]]; then
+    run=${out##*run: }
+    detail=${out%run: *}
+  else
+    run=unreachable
+    detail=$(tail -n 3 "$errors")
+  fi
+  detail=${detail%$'\n'}
+}
+
+# Counts a restart, for the reason $1; past max_restarts, watch gives up.
+count_restart() {
+  restarts=$((restarts + 1))
+  if ((restarts > max_restarts)); then
+    note_watch "giving up: $1, but all $max_restarts restarts are used (--max-restarts)"
+    exit 1
+  fi
+  note_watch "restart $restarts/$max_restarts: $1"
+}
+
+# The TPU anew: deleted unless it is GONE ($1), then created with the watched arguments.
+recreate() {
+  local delete=(delete)
+  ((!queued)) || delete+=(--queued)
+  if [[ $1 != GONE ]]; then
+    "${self[@]}" "${delete[@]}" || return
+  fi
+  "${self[@]}" create "${create[@]}"
+}
+
+# The run on the TPU: push and setup of the watched commit, then train.
+start_run() {
+  "${self[@]}" push --commit "$commit" && "${self[@]}" setup --commit "$commit" \
+    && "${self[@]}" train "${train[@]}"
+}
+
+# Exits with COMMAND's own usage error if COMMAND ARGS... is not a valid command (its --dry-run).
+check_command() {
+  local error status=0
+  error=$("${self[@]}" --dry-run "$@" 2>&1 > /dev/null) || status=$?
+  if ((status)); then
+    printf '%s\n' "$error" >&2
+    exit "$status"
+  fi
+}
+
+cmd_watch() {
+  local poll=${WATCH_POLL_SECONDS:-60} max_restarts=${WATCH_MAX_RESTARTS:-10} log_file
+  local create=() train=() self queued=0 commit errors arg
+  local idle_seconds=${WATCH_IDLE_SECONDS:-120} idle_since=-1 state run seen='' seen_run='' detail
+  local restarts=0 started=0 fresh=0
+  log_file=${WATCH_LOG:-${XDG_STATE_HOME:-$HOME/.local/state}/diffusion_jax/watch_$tpu.log}
+  while (($#)) && [[ $1 != create ]]; do
+    case $1 in
+      --poll) need_value "$@"; poll=$2; shift ;;
+      --poll=*) poll=${1#*=} ;;
+      --max-restarts) need_value "$@"; max_restarts=$2; shift ;;
+      --max-restarts=*) max_restarts=${1#*=} ;;
+      --log) need_value "$@"; log_file=$2; shift ;;
+      --log=*) log_file=${1#*=} ;;
+      *) usage_error "watch: unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+  [[ $poll =~ ^[0-9]+([.][0-9]+)?$ ]] || usage_error "--poll takes seconds, not $poll"
+  [[ $max_restarts =~ ^[0-9]+$ ]] || usage_error "--max-restarts takes a number, not $max_restarts"
+  [[ $idle_seconds =~ ^[0-9]+$ ]] || usage_error "WATCH_IDLE_SECONDS takes seconds, not $idle_seconds"
+  (($#)) && shift  # create
+  while (($#)) && [[ $1 != train ]]; do
+    create+=("$1")
+    shift
+  done
+  (($#)) || usage_error 'watch needs create CREATE_ARGS... train CONFIG WORKDIR [FLAGS...]'
+  shift
+  train=("$@")
+  self=("${BASH_SOURCE[0]}" --tpu "$tpu" --zone "$zone")
+  [[ -z $project ]] || self+=(--project "$project")
+  ((!internal_ip)) || self+=(--internal-ip)
+  ((!iap)) || self+=(--tunnel-through-iap)
+  check_command create ${create[@]+"${create[@]}"}
+  check_command train ${train[@]+"${train[@]}"}
+  for arg in "${create[@]}"; do
+    [[ $arg != -- ]] || break  # gcloud's flags follow
+    [[ $arg != --queued ]] || queued=1
+  done
+  commit=$(head_commit 0)
+  mkdir -p "$(dirname "$log_file")"
+  errors=$(mktemp)
+  # shellcheck disable=SC2064  # expand $errors now
+  trap "rm -f '$errors'" EXIT
+  note_watch "watching TPU $tpu ($zone) for commit $commit: a look every ${poll}s, at most" \
+    "$max_restarts restarts; this log: $log_file"
+  while true; do
+    state=$(tpu_state)
+    [[ $state == "$seen" ]] || note_watch "TPU $state"
+    seen=$state
+    case $state in
+      PREEMPTED | TERMINATED | SUSPENDED | FAILED | GONE | VM_GONE)
+        if ((started)); then
+          count_restart "TPU $state: creating it again"
+        fi
+        recreate "$state" || note_watch "could not create the TPU: trying again in ${poll}s"
+        fresh=1 seen_run=''
+        ;;
+      READY)
+        read_run_state
+        [[ $run == "$seen_run" ]] || note_watch "run $run on worker 0"
+        [[ $run != unreachable || $seen_run == unreachable ]] || note_watch "ssh: $detail"
+        seen_run=$run
+        case $run in
+          running) started=1 idle_since=-1 ;;
+          done)
+            note_watch "the run is complete: $detail"
+            return
+            ;;
+          failed)
+            note_watch "the run failed: watch ends without restarting it; the end of its log:"
+            printf '%s\n' "$detail" | tee -a "$log_file" >&2
+            exit 1
+            ;;
+          none | stopped)
+            # On a TPU that had the run, after idle_seconds: a preempted TPU may still say READY.
+            ((idle_since >= 0)) || idle_since=$SECONDS
+            if ((!started || fresh || SECONDS - idle_since >= idle_seconds)); then
+              if ((started && !fresh)); then
+                count_restart "TPU READY, run $run: starting it again"
+              fi
+              if start_run; then
+                started=1
+              elif ((!started)); then
+                fail 'watch: the run could not be started (see above)'
+              else
+                note_watch "could not start the run: trying again in ${poll}s"
+              fi
+              fresh=0 idle_since=-1
+            fi
+            ;;
+          unreachable) ;;  # ask again at the next look
+        esac
+        ;;
+    esac
+    sleep "$poll"
+  done
+}
+
 main() {
   while (($#)); do
     case $1 in
@@ -508,6 +841,8 @@ main() {
       --zone=*) zone=${1#*=} ;;
       --project) need_value "$@"; project=$2; shift ;;
       --project=*) project=${1#*=} ;;
+      --internal-ip) internal_ip=1 ;;
+      --tunnel-through-iap) iap=1 ;;
       --dry-run) dry_run=1 ;;
       -h | --help | help) usage; exit 0 ;;
       -*) usage_error "unknown option $1 (see --help)" ;;
@@ -515,21 +850,36 @@ main() {
     esac
     shift
   done
-  (($#)) || usage_error "no command (create, push, setup, train, logs, status, stop, delete; see --help)"
+  (($#)) || usage_error 'no command (create, push, setup, train, logs, status, stop, delete,' \
+    'watch; see --help)'
   local command=$1
   shift
   case $command in
-    create | push | setup | train | logs | status | stop | delete) ;;
+    create | push | setup | train | logs | status | stop | delete | watch) ;;
     *) usage_error "unknown command $command (see --help)" ;;
   esac
+  if ((dry_run)) && [[ $command == watch ]]; then
+    usage_error 'watch acts on the states it sees: it has no --dry-run (its create and train do)'
+  fi
   if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     usage
     exit 0
   fi
   [[ -n $tpu ]] || usage_error 'no TPU name: pass --tpu NAME or set TPU_NAME'
   [[ -n $zone ]] || usage_error 'no zone: pass --zone ZONE (e.g. us-central1-a) or set ZONE'
+  [[ $internal_ip == [01] ]] || usage_error "TPU_INTERNAL_IP is 1 or 0, not $internal_ip"
+  [[ $iap == [01] ]] || usage_error "TPU_TUNNEL_THROUGH_IAP is 1 or 0, not $iap"
   scope=(--zone="$zone")
   [[ -z $project ]] || scope+=(--project="$project")
+  remote=(gcloud compute tpus tpu-vm)
+  if ((internal_ip && iap)); then
+    usage_error '--internal-ip and --tunnel-through-iap exclude each other'
+  elif ((internal_ip)); then
+    reach=(--internal-ip)
+  elif ((iap)); then
+    remote=(gcloud alpha compute tpus tpu-vm)  # the GA ssh and scp have no --tunnel-through-iap
+    reach=(--tunnel-through-iap)
+  fi
   "cmd_$command" "$@"
 }
 

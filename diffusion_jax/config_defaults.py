@@ -53,12 +53,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.model_var_type = 'fixedlarge'
   config.diffusion.loss_type = 'mse'
 
-  # How samples are drawn (grids, --mode=sample, --mode=eval): 'ancestral' (Algorithm 2; on
-  # num_steps respaced steps if set) or 'ddim' (Song et al. 2021, eta=0 deterministic).
+  # How samples are drawn (grids, --mode=sample, evaluation): 'ancestral' (Algorithm 2; on
+  # num_steps respaced steps if set) or 'ddim' (Song et al. 2021, eta=0 deterministic); x̂_0
+  # clipped to [-1, 1] at every step if clip_denoised.
   config.sample = ml_collections.ConfigDict()
   config.sample.method = 'ancestral'
   config.sample.num_steps = ml_collections.config_dict.placeholder(int)  # None: all T steps
   config.sample.eta = 0.0
+  config.sample.clip_denoised = True
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 2e-4
@@ -83,24 +85,78 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.sample_every_steps = 50_000
   config.train.num_sample_images = 64  # the sample grid
-  config.train.clip_denoised = True
+  # Deprecated: sample.clip_denoised (None: not set; a value is moved there with a warning).
+  config.train.clip_denoised = ml_collections.config_dict.placeholder(bool)
 
-  config.eval = ml_collections.ConfigDict()
-  config.eval.metrics = 'inception'  # 'inception' (FID/IS) or 'digits' (sklearn_digits only)
-  config.eval.num_samples = 50_000  # --mode=eval, as the paper
-  config.eval.batch_size = 256  # global samples per sampling call; global NLL batch
-  config.eval.every_steps = 0  # in-loop evaluation period; 0 = off
-  config.eval.in_loop_num_samples = 2048  # as the original's 256x256 runs
-  config.eval.inception_path = ml_collections.config_dict.placeholder(str)  # FID Inception .npz
-  config.eval.reference_split = 'train'  # the paper's FID 3.17 is against train (5.24 test)
-  # Where FID reference statistics are cached; None: <workdir>/fid_stats.
-  config.eval.reference_dir = ml_collections.config_dict.placeholder(str)
-  # FID reference images: the first N of reference_split (None: all of it). The paper's CIFAR10
-  # FID uses the 50,000 train images; its LSUN FIDs 50,000 train images through StyleGAN2's code.
-  config.eval.reference_num_examples = ml_collections.config_dict.placeholder(int)
-  config.eval.nll_split = ml_collections.config_dict.placeholder(str)  # None: dataset.eval_split
-  config.eval.nll_num_examples = ml_collections.config_dict.placeholder(int)  # None: whole split
+  # Evaluators by name: `type` picks the plug-in (diffusion_jax/evaluators: inception, digits,
+  # bound), `every_steps` its period in the train loop (0: only --mode=eval); the other fields
+  # are the type's own (docs/evaluation.md). --mode=eval runs every one of them.
+  config.evals = ml_collections.ConfigDict()
+  config.evals.fid = inception_eval()
+  config.evals.bpd = bound_eval()
+  # Deprecated: the single eval section of earlier releases. A field set here (not None) is
+  # moved into `evals` with a warning (diffusion_jax/config_compat.py).
+  config.eval = ml_collections.ConfigDict(
+    {name: ml_collections.config_dict.placeholder(kind) for name, kind in LEGACY_EVAL.items()}
+  )
   return config
+
+
+# The fields of the deprecated `eval` section and their types.
+LEGACY_EVAL = {
+  'metrics': str,
+  'num_samples': int,
+  'batch_size': int,
+  'every_steps': int,
+  'in_loop_num_samples': int,
+  'inception_path': str,
+  'reference_split': str,
+  'reference_dir': str,
+  'reference_num_examples': int,
+  'nll_split': str,
+  'nll_num_examples': int,
+}
+
+
+def sample_eval(kind: str) -> ml_collections.ConfigDict:
+  """A sample evaluator's settings (``inception`` or ``digits``): scores EMA samples against
+  the statistics of a real split."""
+  return ml_collections.ConfigDict(
+    dict(
+      type=kind,
+      every_steps=0,  # the period in the train loop; 0: only --mode=eval
+      num_samples=50_000,  # --mode=eval, as the paper
+      in_loop_num_samples=2048,  # as the original's 256x256 runs
+      batch_size=256,  # global samples per sampling call
+      # The real images: the first reference_num_examples (None: all) of reference_split. The
+      # paper's CIFAR10 FID 3.17 is against train (5.24 test); its LSUN FIDs use 50,000 train
+      # images through StyleGAN2's code.
+      reference_split='train',
+      reference_num_examples=ml_collections.config_dict.placeholder(int),
+      # Where reference statistics are cached; None: <workdir>/fid_stats.
+      reference_dir=ml_collections.config_dict.placeholder(str),
+    )
+  )
+
+
+def inception_eval() -> ml_collections.ConfigDict:
+  """FID and IS with the FID Inception (its weights: a converted .npz, docs/evaluation.md)."""
+  config = sample_eval('inception')
+  config.inception_path = ml_collections.config_dict.placeholder(str)
+  return config
+
+
+def bound_eval() -> ml_collections.ConfigDict:
+  """The variational bound in bits/dim (Eq. 5) on a held-out split, with its per-t terms."""
+  return ml_collections.ConfigDict(
+    dict(
+      type='bound',
+      every_steps=0,
+      split=ml_collections.config_dict.placeholder(str),  # None: dataset.eval_split
+      num_examples=ml_collections.config_dict.placeholder(int),  # None: the whole split
+      batch_size=256,  # the global batch of images
+    )
+  )
 
 
 def get_256_config(
@@ -122,12 +178,14 @@ def get_256_config(
   config.train.checkpoint_every_steps = 5_000
   config.train.num_sample_images = 16
   if dataset.startswith(('lsun/', 'lsun_lmdb/')):
-    config.eval.reference_num_examples = 50_000  # the paper's LSUN FID protocol
+    config.evals.fid.reference_num_examples = 50_000  # the paper's LSUN FID protocol
   # LSUN's scenes have train and validation splits, its objects (cat) and CelebA-HQ only train;
-  # the paper reports no NLL for either.
+  # the paper reports no NLL for either: no bound there.
   config.dataset.eval_split = (
     'validation' if dataset.endswith(('bedroom', 'church_outdoor')) else None
   )
+  if config.dataset.eval_split is None:
+    del config.evals['bpd']
   return config
 
 

@@ -32,10 +32,9 @@ folder already holds anything): the train state a run would save at that step, w
 optimizer state and the ``train`` random stream of ``config.seed``.
 
 This module holds the command line and ``convert``. ``convert_layouts`` knows where each source
-stores each parameter and imports strictly; ``convert_sources`` reads the files. Re-exported
-here: ``ConversionError``, ``params_from_diffusers``, ``params_from_tf``, ``abstract_params``,
-``import_params``, ``read_diffusers``, ``read_tf_checkpoint``, ``check_diffusers_config``,
-``expected_diffusers_config``, ``diffusers_params``.
+stores each parameter and imports strictly (``convert.params_from_diffusers`` and
+``convert.params_from_tf``, the documented API, come from there); ``convert_sources`` reads the
+files.
 """
 
 from __future__ import annotations
@@ -52,23 +51,22 @@ from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import errors, rngs, train_state, validation, workdir_config  # noqa: E402
-from diffusion_jax.convert_layouts import (  # noqa: E402, F401  (re-exported)
+from diffusion_jax import (  # noqa: E402
+  config_compat,
+  errors,
+  flag_errors,
+  train_state,
+  validation,
+  workdir_config,
+)
+from diffusion_jax import run as run_lib  # noqa: E402
+from diffusion_jax.convert_layouts import (  # noqa: E402, F401  (the documented API)
   ConversionError,
   Params,
-  abstract_params,
-  import_params,
-  is_ignored_tf_variable,
   params_from_diffusers,
   params_from_tf,
 )
-from diffusion_jax.convert_sources import (  # noqa: E402, F401  (re-exported)
-  check_diffusers_config,
-  diffusers_params,
-  expected_diffusers_config,
-  read_diffusers,
-  read_tf_checkpoint,
-)
+from diffusion_jax.convert_sources import diffusers_params, read_tf_checkpoint  # noqa: E402
 
 SOURCES = ('diffusers', 'tf')
 
@@ -94,12 +92,12 @@ def write_checkpoint(
   """Saves the train state of ``config`` at ``step`` with these params and EMA params, a fresh
   optimizer state and the seed's ``train`` key, as training does; returns its folder."""
   directory = _check_empty(workdir)
-  factory = train_state.StateFactory.from_config(config)
+  run = run_lib.Run.create(config, workdir)
   state = train_state.TrainState.create(
     params=jax.tree.map(jnp.asarray, params),
-    tx=factory.tx,
-    ema_decay=factory.ema_decay,
-    rng=rngs.key(config.seed, 'train'),
+    tx=run.state_factory.tx,
+    ema_decay=run.state_factory.ema_decay,
+    rng=run.key('train'),
   ).replace(step=jnp.asarray(step, jnp.int32), ema_params=jax.tree.map(jnp.asarray, ema_params))
   manager = train_state.checkpoint_manager(workdir)
   try:
@@ -181,6 +179,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     if len(argv) > 1:
       raise ConversionError(f'unexpected arguments {argv[1:]}: settings are --flag=value.')
+    config_compat.translate(FLAGS.config)
     validation.validate(FLAGS.config, mode='sample')  # the config the checkpoint is sampled with
     convert(
       FLAGS.config,
@@ -195,4 +194,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=errors.parse_flags)
+  app.run(main, flags_parser=flag_errors.parse_flags)

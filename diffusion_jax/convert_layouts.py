@@ -131,10 +131,11 @@ def tf_layout(suffix: str = '') -> Layout:
 
 def abstract_params(config: ml_collections.ConfigDict) -> dict[Path, Shape]:
   """Shape of every parameter of the config's U-Net, by flattened path, without computing."""
-  factory = train_state.StateFactory.from_config(config)
-  x = jax.ShapeDtypeStruct((1, *factory.image_shape), jnp.float32)
+  size, channels = config.dataset.image_size, config.dataset.num_channels
+  model = train_state.create_model(config.model, channels)
+  x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  tree = jax.eval_shape(factory.model.init, jax.random.key(0), x, t)['params']
+  tree = jax.eval_shape(model.init, jax.random.key(0), x, t)['params']
   return {path: tuple(leaf.shape) for path, leaf in flatten_dict(tree).items()}
 
 

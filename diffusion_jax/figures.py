@@ -13,15 +13,15 @@
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
 
-from diffusion_jax import console, images, input_pipeline, models, rngs, sampling
-from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import console, diffusion, images, input_pipeline, models
+from diffusion_jax import run as run_lib
 from diffusion_jax.evaluators import bound
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -29,10 +29,10 @@ LAMBDAS = tuple(np.linspace(0.0, 1.0, 9))
 
 
 def q_encode(
-  diffusion: diffusion_lib.GaussianDiffusion, x_0: jax.Array, t: int, noise: jax.Array
+  process: diffusion.GaussianDiffusion, x_0: jax.Array, t: int, noise: jax.Array
 ) -> jax.Array:
   """x_t = q_sample(x_0, t, noise) (Eq. 4) at one code step ``t`` for the whole batch."""
-  return diffusion.q_sample(x_0, jnp.full((x_0.shape[0],), t, jnp.int32), noise)
+  return process.q_sample(x_0, jnp.full((x_0.shape[0],), t, jnp.int32), noise)
 
 
 def mix(a: jax.Array, b: jax.Array, lambdas: Sequence[float]) -> jax.Array:
@@ -41,30 +41,32 @@ def mix(a: jax.Array, b: jax.Array, lambdas: Sequence[float]) -> jax.Array:
   return (1.0 - lam) * a[None] + lam * b[None]
 
 
-def progressive(run: sampling.Inference, rng: jax.Array, *, num_chains: int, columns: int):
+def progressive(
+  run: run_lib.Run, ema_params: Any, rng: jax.Array, *, num_chains: int, columns: int
+) -> np.ndarray:
   """uint8 [num_chains * columns, H, W, C]: x̂_0 along each chain, ``columns`` per chain (Fig. 6)."""
-  every = max(run.diffusion.num_timesteps // columns, 1)
-  while run.diffusion.num_timesteps % every:
+  every = max(run.process.num_timesteps // columns, 1)
+  while run.process.num_timesteps % every:
     every -= 1
-  model_fn = models.model_fn(run.model, run.ema_params)
-  sample = jax.jit(
-    lambda key: run.diffusion.p_sample_loop(
-      model_fn, (num_chains, *run.image_shape), key, progress_every=every
-    )[1]['pred_xstart']
-  )
-  frames = np.asarray(sample(rng))  # [steps, chains, H, W, C]
+  model_fn = models.model_fn(run.model, ema_params)
+
+  def chain(key: jax.Array) -> jax.Array:
+    shape = (num_chains, *run.image_shape)
+    return run.process.p_sample_loop(model_fn, shape, key, progress_every=every)[1]['pred_xstart']
+
+  frames = np.asarray(jax.jit(chain)(rng))  # [steps, chains, H, W, C]
   return images.to_uint8(np.swapaxes(frames, 0, 1).reshape(-1, *run.image_shape))
 
 
 def rate_distortion(
-  diffusion: diffusion_lib.GaussianDiffusion,
+  process: diffusion.GaussianDiffusion,
   model_fn: ModelFn,
   x_0: jax.Array,
   rng: jax.Array,
   clip_denoised: bool = True,
 ) -> bound.NllResult:
   """The bound's terms (Eq. 5) and x̂_0 errors of ``x_0``, averaged: its ``table()`` is Fig. 5."""
-  out = jax.jit(lambda x: diffusion.calc_bpd_loop(model_fn, x, rng, clip_denoised))(x_0)
+  out = jax.jit(lambda x: process.calc_bpd_loop(model_fn, x, rng, clip_denoised))(x_0)
   out = jax.tree.map(lambda a: np.asarray(a, np.float64).mean(axis=0), out)
   return bound.NllResult(
     num_examples=int(x_0.shape[0]),
@@ -75,15 +77,13 @@ def rate_distortion(
   )
 
 
-def make_figures(
-  config: ml_collections.ConfigDict, workdir: epath.PathLike, *, num_test: int = 8
-) -> dict[str, epath.Path]:
+def make_figures(run: run_lib.Run, *, num_test: int = 8) -> dict[str, epath.Path]:
   """Every figure of the module docstring into ``workdir/figures``; returns their paths."""
-  run = sampling.restore_inference(config, workdir)
-  builder = input_pipeline.get_builder(config.dataset)
+  state = run.restore_latest()
+  config = run.config
   split = config.dataset.eval_split or config.dataset.train_split
   batches, _ = input_pipeline.create_eval_dataset(
-    builder,
+    run.builder,
     config.dataset,
     f'{split}[:{num_test}]',
     batch_size=num_test,
@@ -91,15 +91,11 @@ def make_figures(
     process_index=0,
   )
   test = jnp.asarray(next(iter(batches))['image'])
-  d, clip = run.diffusion, config.train.clip_denoised
-  model_fn, rng, T = (
-    models.model_fn(run.model, run.ema_params),
-    rngs.key(config.seed, 'figures'),
-    d.num_timesteps,
-  )
-  grids = {
-    'progressive': images.image_grid(progressive(run, rng, num_chains=4, columns=10), columns=10)
-  }
+  d, clip = run.process, run.sampler.clip_denoised
+  model_fn = models.model_fn(run.model, state.ema_params)
+  rng, T = run.key('figures'), d.num_timesteps
+  chains = progressive(run, state.ema_params, rng, num_chains=4, columns=10)
+  grids = {'progressive': images.image_grid(chains, columns=10)}
 
   rows = []  # Fig. 7: per t, x_t then 7 samples of p(x_0 | x_t)
   for t in (T - 1, 3 * T // 4 - 1, T // 2 - 1, T // 4 - 1):
@@ -138,7 +134,7 @@ def make_figures(
     for name, data in bound.nll_files(curve).items():
       paths[name] = out / name.replace('nll_terms', 'rate_distortion')
       paths[name].write_bytes(data)
-    console.say('Figures of step %d: %s', run.step, out)
+    console.say('Figures of step %d: %s', int(state.step), out)
   return paths
 
 

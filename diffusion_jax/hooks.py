@@ -1,124 +1,112 @@
-"""The train loop's periodic actions: metric logs, sample grids and evaluation, each with its one
-console line; CLU's ``PeriodicCallback`` calls them after every optimizer step."""
+"""The train loop's periodic actions, each with its period and its console line: the metric log
+(fed the values the loop computes), sample grids, and one action per evaluator of
+``config.evals`` with a period. The loop asks each whether it is due after a host call.
+"""
+
+from __future__ import annotations
 
 import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
-import ml_collections
 from clu import metric_writers, periodic_actions
-from etils import epath
-from jax.sharding import Mesh
 
-from diffusion_jax import console, evaluate, hardware, rngs, sampling, train_state, train_step
-from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import console, evaluate, hardware, sampling
+from diffusion_jax import run as run_lib
 from diffusion_jax.train_state import TrainState
 
 
-@dataclasses.dataclass
-class Running:
-  """The train metrics since the last log, on device: the loop passes them to each step call
-  (``train_step``'s ``running``), which returns them merged with its own."""
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+  """``action(step, state)`` every ``every_steps`` optimizer steps (0: never) and, with
+  ``at_end``, at the last step."""
 
-  metrics: train_step.TrainMetrics
+  every_steps: int
+  action: Callable[[int, TrainState], None]
+  at_end: bool = False
+
+  def due(self, step: int, last_step: int) -> bool:
+    return bool(self.every_steps and step % self.every_steps == 0) or (
+      self.at_end and step == last_step
+    )
 
 
-def make_hooks(
-  config: ml_collections.ConfigDict,
-  workdir: epath.Path,
-  builder: Any,
-  factory: train_state.StateFactory,
-  diffusion: diffusion_lib.GaussianDiffusion,
-  mesh: Mesh,
-  writer: metric_writers.MetricWriter,
-  report_progress: periodic_actions.ReportProgress,
-  start_step: int,
-  flops_per_step: float,
-) -> tuple[list[periodic_actions.PeriodicCallback], Running]:
-  """The loop's periodic callbacks (metrics, sample grids, evaluation; timed by
-  ``report_progress``), called after every optimizer step with the state, and the running
-  metrics the loop feeds through the step. The metric log adds the achieved FLOP rate of
-  ``flops_per_step`` (XLA's count) and, where the device kind's peak is known, ``train/mfu``."""
-  num_steps = config.train.num_train_steps
-  running = Running(train_step.empty_metrics(mesh))
+class MetricLog:
+  """Writes the train metrics the loop computed (TensorBoard, and one console line with the
+  rate and the ETA), with the achieved FLOP rate of ``flops_per_step`` (XLA's count) and, where
+  the device kind's peak is known, ``train/mfu``."""
 
-  last_log = {'step': start_step, 'time': time.monotonic()}
+  def __init__(
+    self,
+    writer: metric_writers.MetricWriter,
+    *,
+    num_steps: int,
+    start_step: int,
+    flops_per_step: float,
+  ):
+    self._writer, self._num_steps, self._flops = writer, num_steps, flops_per_step
+    self._last_step, self._last_time = start_step, time.monotonic()
 
-  def write_metrics(step: int, t: float, state: TrainState) -> None:
-    del state
-    values = running.metrics.compute()
-    running.metrics = train_step.empty_metrics(mesh)
-    del values['first_nonfinite_step']  # checked by the loop, at every boundary
-    rate = (step - last_log['step']) / max(t - last_log['time'], 1e-9)
-    last_log.update(step=step, time=t)
+  def __call__(self, step: int, values: dict[str, Any]) -> None:
+    now = time.monotonic()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
     scalars = {f'train/{k}': v for k, v in values.items()}
-    writer.write_scalars(step, scalars | hardware.throughput_metrics(flops_per_step, 1 / rate))
+    self._writer.write_scalars(step, scalars | hardware.throughput_metrics(self._flops, 1 / rate))
     console.say(
       'step %d/%d  loss %.4f  %.1f steps/s  ETA %s',
       step,
-      num_steps,
+      self._num_steps,
       values['loss'],
       rate,
-      console.duration((num_steps - step) / rate),
+      console.duration((self._num_steps - step) / rate),
     )
 
-  sample_fn = sampling.make_sample_fn(
-    factory.model,
-    diffusion,
-    mesh,
-    image_shape=factory.image_shape,
-    num_samples=config.train.num_sample_images,
-    **sampling.sampler_settings(config),
-  )
 
-  def write_grid(step: int, t: float, state: TrainState) -> None:
-    del t
-    path = workdir / 'samples' / f'step_{step:08d}.png'
-    sampling.write_sample_grid(
-      sample_fn,
-      state.ema_params,
-      rngs.key(config.seed, 'sample_grid'),
-      num_samples=config.train.num_sample_images,
-      path=path,
-      writer=writer,
-      step=step,
-    )
+def sample_grid(
+  run: run_lib.Run,
+  writer: metric_writers.MetricWriter,
+  report_progress: periodic_actions.ReportProgress,
+) -> Periodic:
+  """Every ``train.sample_every_steps`` and at the end: a grid of the EMA params' samples into
+  ``workdir/samples/step_N.png`` and TensorBoard."""
+  num_samples = run.config.train.num_sample_images
+  sample_fn = run.sample_fn(num_samples)
+
+  def write_grid(step: int, state: TrainState) -> None:
+    path = run.workdir / 'samples' / f'step_{step:08d}.png'
+    with report_progress.timed('sample'):
+      sampling.write_sample_grid(
+        sample_fn,
+        state.ema_params,
+        run.key('sample_grid'),
+        num_samples=num_samples,
+        path=path,
+        writer=writer,
+        step=step,
+      )
     console.say('samples of step %d: %s', step, path)
 
-  hooks = [
-    periodic_actions.PeriodicCallback(
-      every_steps=config.train.log_every_steps, on_steps=[num_steps], callback_fn=write_metrics
-    ),
-    periodic_actions.PeriodicCallback(
-      every_steps=config.train.sample_every_steps,
-      on_steps=[num_steps],
-      callback_fn=_timed(report_progress, 'sample', write_grid),
-    ),
-  ]
-  if config.eval.every_steps:
-    evaluator = evaluate.make_in_loop_evaluator(
-      config, workdir, builder, factory.model, diffusion, mesh
-    )
-
-    def run_eval(step: int, t: float, state: TrainState) -> None:
-      del t
-      scalars = evaluator(step, state.ema_params, writer)
-      console.say('evaluation at step %d: %s', step, evaluate.describe(scalars))
-
-    hooks.append(
-      periodic_actions.PeriodicCallback(
-        every_steps=config.eval.every_steps, callback_fn=_timed(report_progress, 'eval', run_eval)
-      )
-    )
-  return hooks, running
+  return Periodic(run.config.train.sample_every_steps, write_grid, at_end=True)
 
 
-def _timed(report_progress: periodic_actions.ReportProgress, name: str, fn: Callable) -> Callable:
-  """``fn`` with its time reported by ``report_progress`` under ``name``."""
+def evaluations(
+  run: run_lib.Run,
+  writer: metric_writers.MetricWriter,
+  report_progress: periodic_actions.ReportProgress,
+) -> list[Periodic]:
+  """One action per evaluator with a period (``evals.<name>.every_steps``), references loaded
+  now: its scalars to TensorBoard and the console."""
+  periodic = []
+  for name, evaluator in evaluate.build(run, in_loop=True).items():
 
-  def timed(**kwargs):
-    with report_progress.timed(name):
-      return fn(**kwargs)
+    def run_eval(step: int, state: TrainState, name=name, evaluator=evaluator) -> None:
+      with report_progress.timed(f'eval_{name}'):
+        result = evaluator(state.ema_params, evaluate.evaluator_key(run, name))
+      scalars = evaluate.scalars(result)
+      writer.write_scalars(step, scalars)
+      console.say('evaluation %s at step %d: %s', name, step, evaluate.describe(scalars))
 
-  return timed
+    periodic.append(Periodic(run.config.evals[name].every_steps, run_eval))
+  return periodic

@@ -1,5 +1,6 @@
 """Images between the model's [-1, 1] floats and 8-bit pixels, and PNG grids of them."""
 
+import io
 import math
 
 import jax
@@ -38,12 +39,18 @@ def image_grid(images: np.ndarray, *, padding: int = 2, columns: int | None = No
   return grid
 
 
-def save_png(path: epath.PathLike, image: np.ndarray, *, min_size: int = 256) -> None:
-  """Writes a uint8 [H, W, C] image as PNG, upscaled (nearest) so its short side is >= min_size."""
+def png_bytes(image: np.ndarray, *, min_size: int = 256) -> bytes:
+  """A uint8 [H, W, C] image as PNG, upscaled (nearest) so its short side is >= min_size."""
   scale = max(1, -(-min_size // min(image.shape[:2])))
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   pil = pil.resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+  buffer = io.BytesIO()
+  pil.save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def save_png(path: epath.PathLike, image: np.ndarray, *, min_size: int = 256) -> None:
+  """Writes ``png_bytes(image)`` at ``path``, making its folder."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open('wb') as f:
-    pil.save(f, format='PNG')
+  path.write_bytes(png_bytes(image, min_size=min_size))

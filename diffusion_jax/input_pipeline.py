@@ -80,6 +80,27 @@ def process_split(split: str, process_index: int, process_count: int) -> tfds.ty
   return tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
 
 
+def first_examples(split: str, num_examples: int | None) -> str:
+  """``split`` cut to its first ``num_examples`` examples (all of it if None), as TFDS reads it."""
+  return split if num_examples is None else f'{split}[:{num_examples}]'
+
+
+def check_splits(builder: tfds.core.DatasetBuilder, splits: dict[str, str | None]) -> None:
+  """A SetupError naming the config field if a split (``'train'``, ``'test[:16]'``; None: not
+  used) is not one of the prepared data set's, before any sampling or training starts."""
+  available = sorted(builder.info.splits)
+  for field, split in splits.items():
+    if split is None:
+      continue
+    try:
+      builder.info.splits[split]
+    except (KeyError, ValueError):
+      raise SetupError(
+        f'{field}={split!r} is not a split of {builder.info.full_name}, which has {available}; '
+        f'set --config.{field} to one of them (a slice such as "train[:1000]" works too).'
+      ) from None
+
+
 def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
   """Returns how to prepare ``builder``'s dataset in its data dir, with manual steps if needed."""
   name = builder.info.full_name.rsplit('/', 1)[0]  # 'lsun/bedroom', without the version

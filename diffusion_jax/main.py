@@ -11,16 +11,19 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import (  # noqa: E402
+  config_compat,
+  draw,
   errors,
   evaluate,
   figures,
+  flag_errors,
   runtime,
-  sampling,
   train,
   validation,
   workdir_config,
 )
-from diffusion_jax.errors import SetupError  # noqa: E402
+from diffusion_jax.errors import DivergedError, SetupError  # noqa: E402
+from diffusion_jax.run import Run  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go (may be gs://).')
@@ -72,24 +75,27 @@ def main(argv):
       process_id=FLAGS.process_id,
     )
     check(config)
+    run = Run.create(config, FLAGS.workdir)
     if FLAGS.mode == 'train':
-      state = train.train_and_evaluate(config, FLAGS.workdir)
+      state = train.train_and_evaluate(run)
       if int(state.step) < config.train.num_train_steps:  # preempted: saved, exit at once
         runtime.exit_now(0)
     elif FLAGS.mode == 'figures':
-      figures.make_figures(config, FLAGS.workdir)
+      figures.make_figures(run)
     elif FLAGS.mode == 'sample':
-      sampling.sample_from_checkpoint(config, FLAGS.workdir, num_samples=FLAGS.num_samples)
+      draw.sample_from_checkpoint(run, num_samples=FLAGS.num_samples)
     else:
       config_name = config_flags.get_config_filename(FLAGS['config'])
-      evaluate.evaluate_checkpoint(config, FLAGS.workdir, config_name=config_name)
-  except SetupError as e:
+      evaluate.evaluate_checkpoint(run, config_name=config_name)
+  except (SetupError, DivergedError) as e:
     errors.exit_with(e)
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Every check of the command line before a data set, model or checkpoint is touched: the
-  config, ``--num_samples``, the workdir and the config of the run it holds."""
+  config (its deprecated fields moved first), ``--num_samples``, the workdir and the config of
+  the run it holds."""
+  config_compat.translate(config)
   validation.validate(config, mode=FLAGS.mode)
   if FLAGS.mode == 'sample' and FLAGS.num_samples < 1:
     raise SetupError(
@@ -101,4 +107,4 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=errors.parse_flags)
+  app.run(main, flags_parser=flag_errors.parse_flags)

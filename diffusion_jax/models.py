@@ -74,6 +74,96 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
   return dtype
 
 
+def _int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tuple_flag(values: Sequence[int]) -> str:
+  """``(1,2)``, ``(4,)``, ``()``: a sequence as one command-line word."""
+  values = tuple(values)
+  return f'({",".join(map(str, values))}{"," if len(values) == 1 else ""})'
+
+
+def problems(
+  *,
+  ch: Any,
+  ch_mult: Any,
+  num_res_blocks: Any,
+  attn_resolutions: Any,
+  dropout: Any,
+  dtype: Any,
+  image_size: int | None = None,
+  prefix: str = '',
+  set_prefix: str = '',
+) -> dict[str, str]:
+  """What keeps ``UNet`` from taking these hyperparameters (on ``image_size`` images, if given):
+  field (``prefix`` + name) -> what is wrong and the fix (``set_prefix`` + name = value)."""
+  found = {}
+
+  def say(name: str, message: str, fix: str) -> None:
+    found.setdefault(f'{prefix}{name}', f'{prefix}{message}; set {set_prefix}{fix}.')
+
+  if not _int(num_res_blocks) or num_res_blocks < 0:
+    say(
+      'num_res_blocks',
+      f'num_res_blocks={num_res_blocks!r} must be an integer >= 0',
+      'num_res_blocks=2',
+    )
+  if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+    say('dropout', f'dropout={dropout!r} is a drop rate in [0, 1)', 'dropout=0.1')
+  try:
+    compute_dtype(dtype)
+  except (TypeError, ValueError):
+    say(
+      'dtype', f'dtype={dtype!r} is not a floating dtype name', 'dtype=float32 (or bfloat16 on TPU)'
+    )
+  if (
+    not isinstance(ch_mult, tuple | list)
+    or not ch_mult
+    or not all(_int(k) and k > 0 for k in ch_mult)
+  ):
+    say(
+      'ch_mult', f'ch_mult={ch_mult!r} must list a positive integer per level', 'ch_mult=(1,2,2,2)'
+    )
+    return found
+  if not _int(ch) or ch < 1 or ch % NUM_GROUPS:
+    widths = [ch * k for k in ch_mult] if _int(ch) else []
+    suggestion = max(NUM_GROUPS, round(ch / NUM_GROUPS) * NUM_GROUPS) if _int(ch) else NUM_GROUPS
+    say(
+      'ch',
+      f'ch={ch!r} must be a positive multiple of {NUM_GROUPS}: GroupNorm splits the channels of '
+      f'every level (ch * ch_mult = {widths}) into {NUM_GROUPS} groups',
+      f'ch={suggestion}',
+    )
+  if not _int(image_size) or image_size < 1:
+    return found
+  levels = len(ch_mult)
+  if image_size % 2 ** (levels - 1):
+    fit = max(n for n in range(1, levels + 1) if image_size % 2 ** (n - 1) == 0)
+    say(
+      'ch_mult',
+      f'ch_mult={tuple(ch_mult)} has {levels} levels, which halve the image {levels - 1} times, '
+      f'but the image size {image_size} is not divisible by {2 ** (levels - 1)}; use at most '
+      f'{fit} levels for {image_size}x{image_size} images',
+      f'ch_mult={_tuple_flag(ch_mult[:fit])}',
+    )
+  attn = (
+    tuple(attn_resolutions) if isinstance(attn_resolutions, tuple | list) else (attn_resolutions,)
+  )
+  sizes = [image_size // 2**i for i in range(levels) if image_size // 2**i]
+  wrong = [r for r in attn if r not in sizes]
+  if wrong:
+    kept = tuple(r for r in attn if r in sizes) or (sizes[len(sizes) // 2],)
+    say(
+      'attn_resolutions',
+      f'attn_resolutions={attn}: {", ".join(map(str, wrong))} is not a feature-map size of this '
+      f'U-Net ({image_size}x{image_size} images over {levels} levels: {sizes}), so no layer '
+      'would attend there',
+      f'attn_resolutions={_tuple_flag(kept)} (or () for none)',
+    )
+  return found
+
+
 def _group_norm(dtype: Any, name: str) -> nn.GroupNorm:
   """GroupNorm as in the original: 32 groups, eps 1e-6, two-pass (mean, then variance)
   statistics."""
@@ -197,33 +287,23 @@ class UNet(nn.Module):
   def _check(self, x: jax.Array, t: jax.Array) -> None:
     """Raises ValueError, saying what to change, for hyperparameters or inputs the network
     cannot take."""
-    if not self.ch_mult:
-      raise ValueError('ch_mult must list at least one channel multiplier, e.g. (1, 2, 2, 2).')
-    if self.num_res_blocks < 0:
-      raise ValueError(f'num_res_blocks must be >= 0, got {self.num_res_blocks}.')
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f'dropout is a drop rate in [0, 1), got {self.dropout}.')
-    for name, channels in [('ch', self.ch)] + [
-      (f'ch * ch_mult[{i}]', self.ch * m) for i, m in enumerate(self.ch_mult)
-    ]:
-      if channels <= 0 or channels % NUM_GROUPS:
-        raise ValueError(
-          f'{name} = {channels} channels is not a positive multiple of the {NUM_GROUPS} '
-          f'GroupNorm groups; choose ch and ch_mult so that ch and every ch * ch_mult[i] '
-          f'are multiples of {NUM_GROUPS} (got ch={self.ch}, ch_mult={tuple(self.ch_mult)}).'
-        )
     if x.ndim != 4 or x.shape[1] != x.shape[2]:
       raise ValueError(
         f'x must be a batch of square NHWC images [B, S, S, C], got shape {x.shape}.'
       )
-    factor = 2 ** (len(self.ch_mult) - 1)
-    if x.shape[1] % factor:
-      raise ValueError(
-        f'image size {x.shape[1]} is not divisible by 2**(len(ch_mult) - 1) = {factor}; resize '
-        f'or crop the images to a multiple of {factor}, or use fewer levels in ch_mult.'
-      )
     if t.shape != (x.shape[0],):
       raise ValueError(f't must have shape [B] = ({x.shape[0]},) to match x, got shape {t.shape}.')
+    found = problems(
+      ch=self.ch,
+      ch_mult=self.ch_mult,
+      num_res_blocks=self.num_res_blocks,
+      attn_resolutions=(),  # a resolution no level has only means no attention there
+      dropout=self.dropout,
+      dtype=self.dtype,
+      image_size=x.shape[1],
+    )
+    if found:
+      raise ValueError(' '.join(found.values()))
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:

@@ -1,5 +1,6 @@
 """The training loop: restore or start, the data-parallel step (``train_step``) on the input
-pipeline's batches, Orbax checkpoints, CLU metrics, sample grids and evaluation, preemption."""
+pipeline's batches, Orbax checkpoints, CLU metrics, the periodic actions (``hooks``), preemption.
+"""
 
 from typing import Any
 
@@ -7,8 +8,6 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from clu import metric_writers, parameter_overview, periodic_actions
-from etils import epath
-from jax.sharding import Mesh
 
 from diffusion_jax import (
   console,
@@ -22,13 +21,15 @@ from diffusion_jax import (
   validation,
   workdir_config,
 )
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax.errors import SetupError
+from diffusion_jax import run as run_lib
+from diffusion_jax.errors import DivergedError
 from diffusion_jax.train_state import TrainState
 
-
-class NonFiniteError(SetupError):
-  """The loss or the gradients stopped being finite: the run diverged."""
+_MEMORY_FIX = (
+  'Recompute activations with --config.model.remat=True, compute in bfloat16 with '
+  '--config.model.dtype=bfloat16, or lower --config.train.batch_size (then also the learning '
+  'rate), or use a slice with more devices.'
+)
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
@@ -42,138 +43,127 @@ def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[
   return flat
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (or resumes) in ``workdir``: checkpoints, TensorBoard logs and sample grids go there."""
+def train_and_evaluate(run: run_lib.Run) -> TrainState:
+  """Trains (or resumes) ``run`` in its workdir: checkpoints, TensorBoard logs and sample grids
+  go there."""
+  config = run.config
   validation.check_train(config)
-  workdir = train_state.resolve_workdir(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  runtime.check_shared_workdir(workdir)
-  builder = input_pipeline.get_builder(config.dataset)
-  validation.check_splits(builder, {'dataset.train_split': config.dataset.train_split})
-
-  mesh = parallel.make_mesh()
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  train_state.remove_stale_temporaries(workdir, keep=config.train.keep_checkpoints)
+  run.workdir.mkdir(parents=True, exist_ok=True)
+  runtime.check_shared_workdir(run.workdir)
+  input_pipeline.check_splits(run.builder, {'dataset.train_split': config.dataset.train_split})
+  train_state.remove_stale_temporaries(run.workdir, keep=config.train.keep_checkpoints)
   manager = train_state.checkpoint_manager(
-    workdir,
+    run.workdir,
     keep=config.train.keep_checkpoints,
     save_every_steps=config.train.checkpoint_every_steps,
   )
   try:
     if manager.latest_step() is not None:
-      state = train_state.restore(manager, factory.abstract(mesh), rename_unreadable=True)
+      state = train_state.restore(manager, run.abstract_state(), rename_unreadable=True)
       console.say('Resumed from step %d in %s.', int(state.step), manager.directory)
     else:
-      state = factory.create(mesh)
+      state = run.initial_state()
     if int(state.step) >= config.train.num_train_steps:
-      console.say('The run in %s is complete (step %d); nothing to do.', workdir, state.step)
+      console.say('The run in %s is complete (step %d); nothing to do.', run.workdir, state.step)
       return state
-    return _train(config, workdir, builder, factory, diffusion, mesh, manager, state)
+    return _train(run, manager, state)
   finally:
     manager.wait_until_finished()
     manager.close()
 
 
-def _train(
-  config: ml_collections.ConfigDict,
-  workdir: epath.Path,
-  builder: Any,
-  factory: train_state.StateFactory,
-  diffusion: diffusion_lib.GaussianDiffusion,
-  mesh: Mesh,
-  manager: ocp.CheckpointManager,
-  state: TrainState,
-) -> TrainState:
+def _train(run: run_lib.Run, manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
   """The loop from ``state`` to ``train.num_train_steps``, or to a preemption."""
+  config = run.config
   start_step, num_steps = int(state.step), config.train.num_train_steps
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(run.workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(flatten_config(config))
     if jax.process_index() == 0:
-      workdir_config.write(config, workdir)
+      workdir_config.write(config, run.workdir)
   parameter_overview.log_parameter_overview(state.params)
 
   k = runtime.steps_per_call(config.train)
   train_iter = input_pipeline.create_train_iterator(
-    builder,
+    run.builder,
     config.dataset,
     batch_size=config.train.batch_size,
     steps_per_call=k,
     seed=config.seed,
     start_step=start_step // k,
   )
+  log_every = config.train.log_every_steps
   report_progress = periodic_actions.ReportProgress(
-    num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every_steps
+    num_train_steps=num_steps, writer=writer, every_steps=log_every
   )
-  lowered = train_step.make_train_step(config.optim, factory.model, diffusion, mesh).lower(
-    factory.abstract(mesh),
-    factory.abstract_batch(mesh, config.train.batch_size, k),
-    train_step.empty_metrics(mesh),
+  running = train_step.empty_metrics(run.mesh)
+  lowered = train_step.make_train_step(run).lower(
+    run.abstract_state(), run.abstract_batch(config.train.batch_size, k), running
   )
-  flops = hardware.lowered_flops(lowered, mesh=mesh) / k  # one trace: counted, then compiled
+  flops = hardware.lowered_flops(lowered, mesh=run.mesh) / k  # one trace: counted, then compiled
   step_fn = lowered.compile()
-  hardware.check_fits(
-    step_fn,
-    mesh.devices.flat[0],
-    what=f'The train step at train.batch_size={config.train.batch_size}',
-    fix='Recompute activations with --config.model.remat=True, compute in bfloat16 with '
-    '--config.model.dtype=bfloat16, or lower --config.train.batch_size (then also the learning '
-    'rate), or use a slice with more devices.',
+  what = f'The train step at train.batch_size={config.train.batch_size}'
+  hardware.check_fits(step_fn, run.mesh.devices.flat[0], what=what, fix=_MEMORY_FIX)
+  metric_log = hooks.MetricLog(
+    writer, num_steps=num_steps, start_step=start_step, flops_per_step=flops
   )
-  periodic, running = hooks.make_hooks(
-    config, workdir, builder, factory, diffusion, mesh, writer, report_progress, start_step, flops
-  )
-  periods = [config.train.log_every_steps, config.train.sample_every_steps, config.eval.every_steps]
+  periodic = [hooks.sample_grid(run, writer, report_progress)]
+  periodic += hooks.evaluations(run, writer, report_progress)
   preemption = runtime.Preemption()
   step = start_step
   try:
     with metric_writers.ensure_flushes(writer):
       while step < num_steps:
-        batch = parallel.shard_steps(mesh, next(train_iter)['image'])
+        batch = parallel.shard_steps(run.mesh, next(train_iter)['image'])
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          state, running.metrics = step_fn(state, batch, running.metrics)  # all on device
-        step += k
+          state, running = step_fn(state, batch, running)  # all on device
+        step += k  # the periods are multiples of k: only this step can be due
         last = step == num_steps
-        if last or manager.should_save(step) or any(p and step % p == 0 for p in periods):
-          _check_finite(running.metrics, manager)  # before anything is saved or written
+        log = last or step % log_every == 0
+        due = [hook for hook in periodic if hook.due(step, num_steps)]
+        if log or due or manager.should_save(step):
+          _check_finite(running, manager)  # before anything is saved or written
         saved = train_state.save(manager, state, step=step, force=last)
         if saved:
           console.say('checkpoint of step %d: %s', step, manager.directory / str(step))
-        if preemption.should_stop():  # before the hooks: a preemption notice gives ~30 s
+        if preemption.should_stop():  # before the periodic actions, which may take long
           console.say('Preempted (SIGTERM) at step %d: saving and exiting.', step)
           if not saved:
-            _check_finite(running.metrics, manager)
+            _check_finite(running, manager)
             train_state.save(manager, state, step=step, force=True)
           break
-        for hook_step in range(step - k + 1, step + 1):  # hooks see every optimizer step
-          report_progress(hook_step)
-          for hook in periodic:
-            hook(hook_step, state=state)
+        report_progress(step)
+        if log:
+          values = running.compute()
+          del values['first_nonfinite_step']  # checked above, at every boundary
+          metric_log(step, values)
+          running = train_step.empty_metrics(run.mesh)
+        for hook in due:
+          hook.action(step, state)
   finally:
     preemption.restore()
   if step == num_steps:
-    _summary(workdir, manager, step)
+    _summary(run, manager, step)
   return state
 
 
-def _summary(workdir: epath.Path, manager: ocp.CheckpointManager, step: int) -> None:
+def _summary(run: run_lib.Run, manager: ocp.CheckpointManager, step: int) -> None:
   """Where the run's results are, and how to look at them."""
-  console.say('Done: step %d in %s', step, workdir)
-  console.say('  sample grids:  %s', workdir / 'samples')
+  console.say('Done: step %d in %s', step, run.workdir)
+  console.say('  sample grids:  %s', run.workdir / 'samples')
   console.say('  checkpoints:   %s (latest: step %s)', manager.directory, manager.latest_step())
-  console.say('  TensorBoard:   tensorboard --logdir %s', workdir)
+  console.say('  TensorBoard:   tensorboard --logdir %s', run.workdir)
 
 
 def _check_finite(running: train_step.TrainMetrics, manager: ocp.CheckpointManager) -> None:
-  """A NonFiniteError naming the first non-finite step, if any (reads one scalar).
+  """A DivergedError naming the first non-finite step, if any (reads one scalar).
 
   ``running`` holds the steps since the last log; every log is a boundary checked before the
   metrics are reset, so the earlier steps were all checked."""
   first = int(running.first_nonfinite_step.compute())
   if first != train_step.NO_STEP:
-    raise NonFiniteError(
+    raise DivergedError(
       f'Training diverged: the loss or the gradients are not finite from step {first} on. '
       f'Nothing was saved after it: the latest checkpoint (step {manager.latest_step()}) is the '
       'last good one. Lower --config.optim.learning_rate (or raise optim.warmup_steps, or clip '

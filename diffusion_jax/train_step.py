@@ -14,15 +14,14 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from clu import metrics
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import models, parallel, train_state
+from diffusion_jax import run as run_lib
 from diffusion_jax.train_state import TrainState
 
 StepFn = Callable[..., tuple[TrainState, 'TrainMetrics']]
@@ -66,22 +65,18 @@ def _clip(grads: Any, max_norm: float) -> Any:
   return optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
 
 
-def make_train_step(
-  optim_config: ml_collections.ConfigDict,
-  model: models.UNet,
-  diffusion: diffusion_lib.GaussianDiffusion,
-  mesh: Mesh,
-) -> StepFn:
-  """The jitted ``step(state, images[, running]) -> (state, metrics)`` over ``mesh``.
+def make_train_step(run: run_lib.Run) -> StepFn:
+  """The jitted ``step(state, images[, running]) -> (state, metrics)`` of ``run`` over its mesh.
 
   ``images`` is the global batch [steps_per_call, B, H, W, C] sharded on B; the state is donated.
   Several optimizer steps per call run in a ``lax.scan`` that also merges their metrics, so the
   call returns one ``TrainMetrics`` of device arrays. Given ``running`` metrics (e.g. from
   ``empty_metrics``; donated), the call returns them merged with its own, still on device: a loop
   that passes each call's result to the next reads nothing back until it logs. Gradients are
-  clipped to ``optim_config.grad_clip`` per device before the average or globally after it.
+  clipped to ``optim.grad_clip`` per device before the average or globally after it.
   """
-  num_timesteps = diffusion.num_timesteps
+  optim_config, model, process, mesh = run.config.optim, run.model, run.process, run.mesh
+  num_timesteps = process.num_timesteps
   cpu = mesh.devices.flat[0].platform == 'cpu'
   schedule = train_state.learning_rate_schedule(optim_config)
   clip_norm, clip_mode = optim_config.grad_clip, optim_config.grad_clip_mode
@@ -105,7 +100,7 @@ def make_train_step(
 
     def loss_fn(params):
       model_fn = models.model_fn(model, params, dropout_rng=dropout_rng)
-      return jnp.mean(diffusion.training_losses(model_fn, images, t, noise))
+      return jnp.mean(process.training_losses(model_fn, images, t, noise))
 
     # Params are replicated; cast them to device-varying so that each device gets its own
     # gradient (differentiating an invariant input would psum the gradients implicitly).

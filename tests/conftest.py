@@ -68,7 +68,8 @@ def run_main(*args: str, cwd=REPO) -> subprocess.Popen:
 
 
 def tiny_flags(data_dir: str, workdir, num_steps: int) -> list[str]:
-  """``configs/digits.py:tiny`` for ``num_steps``: checkpoints every step, evaluation at the end."""
+  """``configs/digits.py:tiny`` for ``num_steps``: checkpoints every step, the digits metric at
+  the end."""
   return [
     f'--config={REPO / "configs" / "digits.py"}:tiny',
     f'--workdir={workdir}',
@@ -77,7 +78,7 @@ def tiny_flags(data_dir: str, workdir, num_steps: int) -> list[str]:
     '--config.train.log_every_steps=1',
     '--config.train.checkpoint_every_steps=1',
     f'--config.train.sample_every_steps={num_steps}',
-    f'--config.eval.every_steps={num_steps}',
+    f'--config.evals.digits.every_steps={num_steps}',
   ]
 
 
@@ -100,12 +101,9 @@ def fixed_batch(config, steps_per_call: int) -> np.ndarray:
 
 
 def setup(config, devices=None):
-  """(mesh, initial state, jitted step) of ``config`` on ``devices`` (default: all)."""
-  from diffusion_jax import diffusion as diffusion_lib
-  from diffusion_jax import parallel, train_state, train_step
+  """(run, initial state, jitted step) of ``config`` on ``devices`` (default: all)."""
+  from diffusion_jax import train_step
+  from diffusion_jax.run import Run
 
-  mesh = parallel.make_mesh(devices)
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
-  return mesh, factory.create(mesh), step
+  run = Run.create(config, devices=devices)
+  return run, run.initial_state(), train_step.make_train_step(run)

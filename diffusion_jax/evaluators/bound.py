@@ -1,5 +1,5 @@
-"""Bits/dim: the full bound of Eq. 5 (``calc_bpd_loop``) sharded over the ``data`` mesh, its per-t
-table as CSV and a plot like the paper's Fig. 5.
+"""The ``bound`` evaluator: bits/dim, the full bound of Eq. 5 (``calc_bpd_loop``) on a held-out
+split, sharded over the ``data`` mesh, its per-t table as CSV and a plot like the paper's Fig. 5.
 
 Example i of the eval stream draws its noise with ``fold_in(rng, i)``, so its bound does not
 depend on the device count or padding; padded rows (mask 0) are excluded and masked sums psum'd.
@@ -8,22 +8,28 @@ depend on the device count or padding; padded rows (mask 0) are excluded and mas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import parallel
+from diffusion_jax import config_rules, console, diffusion, input_pipeline, models, parallel
+from diffusion_jax import run as run_lib
+from diffusion_jax.config_rules import Problems
+from diffusion_jax.evaluators.base import Evaluator, Result
+
+LABELS = {'bpd': 'bits/dim', 'bpd_prior': 'prior', 'bpd_decoder': 'decoder'}  # eval/<metric>
 
 # params -> the model as the process calls it, (x_t, t) -> output.
-BindFn = Callable[[Any], diffusion_lib.ModelFn]
+BindFn = Callable[[Any], diffusion.ModelFn]
 # (params, images, mask, offset, rng) -> (per-example total bits/dim, psum'd masked sums).
 BpdFn = Callable[
   [Any, jax.Array, jax.Array, int, jax.Array], tuple[jax.Array, dict[str, jax.Array]]
@@ -32,7 +38,7 @@ Batch = dict[str, np.ndarray]
 
 
 def make_bpd_fn(
-  model_fn: BindFn, diffusion: diffusion_lib.GaussianDiffusion, mesh: Mesh, *, clip_denoised: bool
+  model_fn: BindFn, process: diffusion.GaussianDiffusion, mesh: Mesh, *, clip_denoised: bool
 ) -> BpdFn:
   """Jitted ``bpd(params, images, mask, offset, rng) -> (per-example total bits/dim, masked sums)``
   of the bound (Eq. 5) with the model ``model_fn(params)``.
@@ -48,7 +54,7 @@ def make_bpd_fn(
     model = model_fn(params)
 
     def one_example(x_0, i):
-      out = diffusion.calc_bpd_loop(model, x_0[None], jax.random.fold_in(rng, i), clip_denoised)
+      out = process.calc_bpd_loop(model, x_0[None], jax.random.fold_in(rng, i), clip_denoised)
       return jax.tree.map(lambda a: a[0], out)
 
     out = jax.vmap(one_example)(x, index)
@@ -131,15 +137,20 @@ def nll_bits_per_dim(
 
 @dataclasses.dataclass(frozen=True)
 class BoundEvaluator:
-  """The bound (Eq. 5) of a model's params on fixed, re-iterable batches."""
+  """The bound (Eq. 5) of a model's params on fixed, re-iterable batches of ``split``; with
+  ``files``, its per-t table and plot too."""
 
   bpd_fn: BpdFn
   batches: Iterable[Batch]
   mesh: Mesh
+  split: str
+  files: bool
 
-  def __call__(self, params: Any, rng: jax.Array) -> NllResult:
+  def __call__(self, params: Any, rng: jax.Array) -> Result:
     """The mean bound over ``batches``, example i's noise drawn with ``fold_in(rng, i)``."""
-    return nll_bits_per_dim(self.bpd_fn, params, self.batches, self.mesh, rng)
+    nll = nll_bits_per_dim(self.bpd_fn, params, self.batches, self.mesh, rng)
+    details = {'split': self.split, 'num_examples': nll.num_examples}
+    return Result(nll.summary(), details, nll_files(nll) if self.files else {})
 
 
 def nll_csv(result: NllResult) -> str:
@@ -177,3 +188,52 @@ def nll_plot(result: NllResult) -> bytes:
 def nll_files(result: NllResult) -> dict[str, bytes]:
   """The files of a bound: ``nll_terms.csv`` (the per-t table) and ``nll_terms.png`` (its plot)."""
   return {'nll_terms.csv': nll_csv(result).encode(), 'nll_terms.png': nll_plot(result)}
+
+
+def split_of(settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> str | None:
+  """The examples of the bound: ``split`` (else the data set's ``eval_split``; None if neither)
+  cut to ``num_examples``."""
+  split = settings.split or config.dataset.eval_split
+  return None if split is None else input_pipeline.first_examples(split, settings.num_examples)
+
+
+def problems(
+  name: str, settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> Problems:
+  """Ranges, and a split to compute the bound on."""
+  field = f'evals.{name}'
+  found = config_rules.range_problems(
+    ml_collections.ConfigDict({'evals': {name: settings}}),
+    [
+      (f'{field}.every_steps', 'non-negative count', 'the period in the train loop, 0 = off'),
+      (f'{field}.batch_size', 'count', 'the global batch of images'),
+      (f'{field}.num_examples', 'optional count', 'the examples of the bound (None: the split)'),
+    ],
+  )
+  if split_of(settings, config) is None:
+    found[f'{field}.split'] = (
+      f'{config.dataset.name} has no held-out split (dataset.eval_split is None) and '
+      f'{field}.split is not set: set --config.{field}.split (e.g. "train[:10000]"), or drop '
+      f'the evaluator (the paper reports no bits/dim for LSUN cat and CelebA-HQ).'
+    )
+  return found
+
+
+def create(
+  name: str, settings: ml_collections.ConfigDict, run: run_lib.Run, *, in_loop: bool
+) -> Evaluator:
+  """The bound of the run's model on its split (the table and plot only outside the loop)."""
+  split = split_of(settings, run.config)
+  input_pipeline.check_splits(run.builder, {f'evals.{name}.split': split})
+  bpd_fn = make_bpd_fn(
+    functools.partial(models.model_fn, run.model),
+    run.process,
+    run.mesh,
+    clip_denoised=run.sampler.clip_denoised,
+  )
+  batch_size = -(-settings.batch_size // run.mesh.devices.size) * run.mesh.devices.size
+  batches, num_batches = input_pipeline.create_eval_dataset(
+    run.builder, run.config.dataset, split, batch_size=batch_size
+  )
+  batches = console.Counted(batches, f'bits/dim on {split} (batches)', num_batches)
+  return BoundEvaluator(bpd_fn, batches, run.mesh, split, files=not in_loop)

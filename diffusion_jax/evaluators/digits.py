@@ -1,5 +1,5 @@
-"""The digits metric of samples (``diffusion_jax.digits_metric``): a small classifier's Fréchet
-distance to real digits, its confident fraction and the class balance.
+"""The ``digits`` evaluator: the digits metric of samples (``diffusion_jax.digits_metric``), a
+small classifier's Fréchet distance to real digits, its confident fraction and the class balance.
 
 The metric needs the images themselves: they are all-gathered as uint8 (32 kB at 500 8x8
 samples) and scored on every host.
@@ -12,28 +12,45 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from diffusion_jax import digits_metric, images
+from diffusion_jax import digits_classifier, digits_metric, images, input_pipeline
+from diffusion_jax import run as run_lib
+from diffusion_jax.config_rules import Problems
 from diffusion_jax.evaluators import samples
+from diffusion_jax.evaluators.base import Evaluator
 
-# digits_metric.digits_metrics's names, reported as 'digits_<name>'.
-METRICS = (
-  'fd',
-  'confident_fraction',
-  'min_class_fraction',
-  'max_class_fraction',
-  'class_histogram',
-)
+# Metric -> console label; each is written as eval/digits_<metric>.
+LABELS = {
+  'digits_confident_fraction': 'confident',
+  'digits_fd': 'FD',
+  'digits_min_class_fraction': 'min class',
+  'digits_max_class_fraction': 'max class',
+}
+
+
+def problems(
+  name: str, settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> Problems:
+  """The sample settings (a covariance needs 2 samples), and a digits data set."""
+  found = samples.problems(name, settings, minimum=2)
+  dataset = str(config.dataset.name).split(':')[0]
+  if dataset != digits_classifier.DATASET_NAME:
+    found[f'evals.{name}.type'] = (
+      f'evals.{name}.type="digits" scores only {digits_classifier.DATASET_NAME!r}, but '
+      f'dataset.name is {config.dataset.name!r}; use --config.evals.{name}.type=inception.'
+    )
+  return found
 
 
 @dataclasses.dataclass(frozen=True)
-class DigitsEvaluator:
+class DigitsScore:
   """The digits metric against a real split's feature statistics; a ``samples.ScoreFn``."""
 
-  classifier: digits_metric.DigitsClassifier
+  classifier: digits_classifier.DigitsClassifier
   reference: tuple[np.ndarray, np.ndarray]
 
   @classmethod
@@ -43,18 +60,29 @@ class DigitsEvaluator:
     reference_split: str,
     *,
     cache_dir: epath.PathLike | None,
-  ) -> DigitsEvaluator:
+  ) -> DigitsScore:
     """Loads (or trains) the classifier and the reference statistics, cached in ``cache_dir``."""
-    classifier = digits_metric.load_or_train_classifier(builder, cache_dir=cache_dir)
+    classifier = digits_classifier.load_or_train_classifier(builder, cache_dir=cache_dir)
     reference = digits_metric.reference_stats(
       builder, reference_split, classifier=classifier, cache_dir=cache_dir
     )
     return cls(classifier, reference)
 
   def __call__(self, chunks: Iterable[jax.Array], num_samples: int) -> dict[str, Any]:
-    """``digits_<name>`` of ``METRICS`` for the first ``num_samples`` samples."""
+    """``digits_<metric>`` of the first ``num_samples`` samples and the class histogram."""
     pixels = np.concatenate(
       [images.to_uint8(rows) for rows in samples.gathered_rows(chunks, num_samples)]
     )
     metrics = digits_metric.digits_metrics(self.classifier, pixels, self.reference)
-    return {f'digits_{name}': metrics[name] for name in METRICS}
+    names = [name.removeprefix('digits_') for name in LABELS] + ['class_histogram']
+    return {f'digits_{name}': metrics[name] for name in names}
+
+
+def create(
+  name: str, settings: ml_collections.ConfigDict, run: run_lib.Run, *, in_loop: bool
+) -> Evaluator:
+  """The digits metric of the run's samples against ``settings``' reference split."""
+  split = samples.reference_split(settings)
+  input_pipeline.check_splits(run.builder, {f'evals.{name}.reference_split': split})
+  score = DigitsScore.create(run.builder, split, cache_dir=settings.reference_dir)
+  return samples.create(settings, run, score, in_loop=in_loop)

@@ -34,23 +34,17 @@ def child(name: str) -> dict:
   jax.config.update('jax_num_cpu_devices', config.num_cpu_devices or 1)
   import jax.numpy as jnp
 
-  from diffusion_jax import diffusion as diffusion_lib
-  from diffusion_jax import parallel, runtime, sampling, train_state, train_step
+  from diffusion_jax import runtime, train_step
+  from diffusion_jax.run import Run
 
-  mesh = parallel.make_mesh()
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  state = factory.abstract(mesh)
-  images = factory.abstract_batch(
-    mesh, config.train.batch_size, runtime.steps_per_call(config.train)
-  )
-  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
-  sample = sampling.make_sample_fn(
-    factory.model, diffusion, mesh, image_shape=factory.image_shape, num_samples=64
-  )
+  run = Run.create(config)
+  state = run.abstract_state()
+  images = run.abstract_batch(config.train.batch_size, runtime.steps_per_call(config.train))
+  step = train_step.make_train_step(run)
+  sample = run.sample_fn(64)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   result = {}
-  train_args = (state, images, train_step.empty_metrics(mesh))  # as the loop lowers it
+  train_args = (state, images, train_step.empty_metrics(run.mesh))  # as the loop lowers it
   for what, fn, args in (('train', step, train_args), ('sample', sample, (state.params, key))):
     start = time.perf_counter()
     lowered = fn.lower(*args)

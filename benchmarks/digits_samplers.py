@@ -8,12 +8,15 @@ RUN is a finished ``configs/digits.py`` run. The samples use the evaluation keys
 first call that compiles.
 """
 
+import dataclasses
 import pathlib
 import time
 
 from absl import app, flags
 
-from diffusion_jax import config_defaults, evaluate, input_pipeline, runtime, sampling
+from diffusion_jax import config_defaults, evaluate, runtime, sampling
+from diffusion_jax.evaluators.registry import TYPES
+from diffusion_jax.run import Run
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A finished configs/digits.py run.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'The TFDS data dir of that run.')
@@ -37,28 +40,22 @@ def main(argv):
   config = config_defaults.load(str(CONFIG))
   config.dataset.data_dir = _DATA_DIR.value
   runtime.start(num_cpu_devices=config.num_cpu_devices, distributed=False)
-  run = sampling.restore_inference(config, _WORKDIR.value)
-  builder = input_pipeline.get_builder(config.dataset)
+  run = Run.create(config, _WORKDIR.value)
+  state = run.restore_latest()
+  settings = config.evals.digits
   T = config.diffusion.num_diffusion_timesteps
-  print(f'digits run {_WORKDIR.value} at step {run.step}, {config.eval.num_samples} samples')
+  print(f'digits run {_WORKDIR.value} at step {int(state.step)}, {settings.num_samples} samples')
   print('| sampler | steps | confident | FD | min … max class | seconds |')
   print('|---|---|---|---|---|---|')
+  key = evaluate.evaluator_key(run, 'digits')  # the samples --mode=eval scores
   for method, num_steps, eta in SETTINGS:
-    config.sample.update(method=method, num_steps=num_steps, eta=eta)
-    evaluator = evaluate.build_evaluator(
-      config,
-      run.workdir,
-      builder,
-      run.model,
-      run.diffusion,
-      run.mesh,
-      image_shape=run.image_shape,
-      num_samples=config.eval.num_samples,
-      nll_split=None,
+    sampler = sampling.SamplerSettings(method, num_steps, eta, config.sample.clip_denoised)
+    evaluator = TYPES['digits'].create(
+      'digits', settings, dataclasses.replace(run, sampler=sampler), in_loop=False
     )
-    evaluator(run.ema_params)  # compiles
+    evaluator(state.ema_params, key)  # compiles
     start = time.perf_counter()
-    m = evaluator(run.ema_params).metrics
+    m = evaluator(state.ema_params, key).scalars
     seconds = time.perf_counter() - start
     name = (
       'ancestral'

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import common
-from diffusion_jax import config_defaults, hardware, parallel, train_state, train_step
-from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import config_defaults, hardware, train_step
+from diffusion_jax.run import Run
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 # The paper's TPU v3-8 speeds (Appendix B): config file -> train steps/s at its batch size.
@@ -41,16 +41,14 @@ SLICES = {
 def step_flops(config_file: str, batch: int) -> tuple[float, float]:
   """(FLOPs of one train step at global batch ``batch``, FLOPs of one sampling step per image)."""
   config = config_defaults.load(str(CONFIGS / config_file))
-  factory = train_state.StateFactory.from_config(config)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
-  images = factory.abstract_batch(mesh, batch)
-  train_flops = hardware.step_flops(step, factory.abstract(mesh), images, mesh=mesh)
-  x = jax.ShapeDtypeStruct((1, *factory.image_shape), jnp.float32)
+  run = Run.create(config, devices=jax.devices()[:1])
+  step = train_step.make_train_step(run)
+  images = run.abstract_batch(batch)
+  train_flops = hardware.step_flops(step, run.abstract_state(), images, mesh=run.mesh)
+  x = jax.ShapeDtypeStruct((1, *run.image_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  params = jax.eval_shape(factory.initial).params
-  forward = jax.jit(lambda p, x, t: factory.model.apply({'params': p}, x, t))
+  params = run.abstract_state().params
+  forward = jax.jit(lambda p, x, t: run.model.apply({'params': p}, x, t))
   return train_flops, forward.lower(params, x, t).cost_analysis()['flops']
 
 

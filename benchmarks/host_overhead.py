@@ -47,19 +47,18 @@ def main(argv):
   import numpy as np
   from clu import periodic_actions
 
-  from diffusion_jax import config_defaults, parallel, train_state, train_step
-  from diffusion_jax import diffusion as diffusion_lib
+  from diffusion_jax import config_defaults, parallel, train_step
+  from diffusion_jax.run import Run
 
   config = config_defaults.load(str(common.CONFIGS / 'digits.py') + ':tiny')
-  mesh = parallel.make_mesh()
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
+  run = Run.create(config)
+  mesh = run.mesh
+  step = train_step.make_train_step(run)
   rng = np.random.default_rng(0)
   print(f'Machine: {common.machine()}')
 
   def loops(k: int):
-    shape = (k, config.train.batch_size, *factory.image_shape)
+    shape = (k, config.train.batch_size, *run.image_shape)
     batch = parallel.shard_steps(mesh, rng.uniform(-1, 1, shape).astype(np.float32))
 
     def noop(step, t, state):
@@ -122,7 +121,7 @@ def main(argv):
 
   per_call = {}
   for k in map(int, _KS.value):
-    state = factory.create(mesh)
+    state = run.initial_state()
     for name, loop in loops(k).items():
       state = jax.block_until_ready(loop(state, 3))  # compile and warm up
       times = []

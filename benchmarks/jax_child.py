@@ -50,23 +50,21 @@ def main(argv):
   jax.config.update('jax_num_cpu_devices', devices)
   import numpy as np
 
-  from diffusion_jax import diffusion as diffusion_lib
-  from diffusion_jax import parallel, sampling, train_state, train_step
+  from diffusion_jax import parallel, train_step
+  from diffusion_jax.run import Run
 
   if _TIMESTEPS.value:
     config.diffusion.num_diffusion_timesteps = _TIMESTEPS.value
   batch = _BATCH.value or config.train.batch_size
-  mesh = parallel.make_mesh()
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  run = Run.create(config)
   rng = np.random.default_rng(0)
   result = dict(devices=jax.device_count(), batch=batch)
   if _WHAT.value == 'train':
-    step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
+    step = train_step.make_train_step(run)
     k = _K.value
-    images = rng.uniform(-1, 1, (k, batch, *factory.image_shape)).astype(np.float32)
-    batch_array = parallel.shard_steps(mesh, images)
-    box = {'state': factory.create(mesh)}
+    images = rng.uniform(-1, 1, (k, batch, *run.image_shape)).astype(np.float32)
+    batch_array = parallel.shard_steps(run.mesh, images)
+    box = {'state': run.initial_state()}
 
     def call():
       box['state'], metrics = step(box['state'], batch_array)
@@ -75,24 +73,22 @@ def main(argv):
     seconds, times, first = timed(call, _STEPS.value)
     result.update(seconds=seconds / k, call_seconds=seconds, steps_per_call=k)
   elif _WHAT.value == 'forward':
-    params = factory.create(mesh).params
+    params = run.initial_state().params
     x = jax.device_put(
-      rng.uniform(-1, 1, (batch, *factory.image_shape)).astype(np.float32),
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS)),
+      rng.uniform(-1, 1, (batch, *run.image_shape)).astype(np.float32),
+      jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS)),
     )
-    t = jax.device_put(np.arange(batch, dtype=np.int32) % diffusion.num_timesteps)
-    forward = jax.jit(lambda p, x, t: factory.model.apply({'params': p}, x, t))
+    t = jax.device_put(np.arange(batch, dtype=np.int32) % run.process.num_timesteps)
+    forward = jax.jit(lambda p, x, t: run.model.apply({'params': p}, x, t))
     seconds, times, first = timed(lambda: forward(params, x, t), _STEPS.value)
     result.update(seconds=seconds)
   else:
-    params = factory.create(mesh).ema_params
-    sample = sampling.make_sample_fn(
-      factory.model, diffusion, mesh, image_shape=factory.image_shape, num_samples=batch
-    )
+    params = run.initial_state().ema_params
+    sample = run.sample_fn(batch)
     key = jax.random.PRNGKey(0)
     seconds, times, first = timed(lambda: sample(params, key), _STEPS.value)
-    result.update(seconds=seconds / diffusion.num_timesteps, loop_seconds=seconds)
-    result.update(timesteps=diffusion.num_timesteps)
+    result.update(seconds=seconds / run.process.num_timesteps, loop_seconds=seconds)
+    result.update(timesteps=run.process.num_timesteps)
   result.update(times=times, first_call_seconds=first)
   common.emit(result)
 

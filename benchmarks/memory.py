@@ -62,25 +62,23 @@ def analyse(name: str, batch: int, dtype: str, remat: bool, compile_cpu: bool) -
   import jax
   import jax.numpy as jnp
 
-  from diffusion_jax import diffusion as diffusion_lib
-  from diffusion_jax import models, parallel, train_state, train_step
+  from diffusion_jax import models, train_step
+  from diffusion_jax.run import Run
 
   config = load_config(name, [f'model.dtype={dtype!r}', f'model.remat={remat}'])
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  state = factory.abstract(mesh)
-  images = factory.abstract_batch(mesh, batch)
+  run = Run.create(config, devices=jax.devices()[:1])
+  state = run.abstract_state()
+  images = run.abstract_batch(batch)
 
   def nbytes(tree):
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
   def loss(params, x):
-    model_fn = models.model_fn(factory.model, params, dropout_rng=jax.random.key(0))
+    model_fn = models.model_fn(run.model, params, dropout_rng=jax.random.key(0))
     t = jnp.zeros((x.shape[0],), jnp.int32)
-    return jnp.mean(diffusion.training_losses(model_fn, x, t, x))
+    return jnp.mean(run.process.training_losses(model_fn, x, t, x))
 
-  x = jax.ShapeDtypeStruct((batch, *factory.image_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct((batch, *run.image_shape), jnp.float32)
   saved = residual_bytes(loss, state.params, x)
   state_bytes, grad_bytes = nbytes(state), nbytes(state.params)
   result = dict(
@@ -89,7 +87,7 @@ def analyse(name: str, batch: int, dtype: str, remat: bool, compile_cpu: bool) -
     estimate=1.1 * (state_bytes + grad_bytes + saved) / GIB,
   )
   if compile_cpu:
-    step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
+    step = train_step.make_train_step(run)
     memory = step.lower(state, images).compile().memory_analysis()
     result.update(
       arguments=memory.argument_size_in_bytes / GIB,

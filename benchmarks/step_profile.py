@@ -106,16 +106,14 @@ def main(argv):
   jax.config.update('jax_num_cpu_devices', _DEVICES.value or config.num_cpu_devices or 1)
   import numpy as np
 
-  from diffusion_jax import diffusion as diffusion_lib
-  from diffusion_jax import parallel, train_state, train_step
+  from diffusion_jax import parallel, train_step
+  from diffusion_jax.run import Run
 
-  mesh = parallel.make_mesh()
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
-  images = np.random.default_rng(0).uniform(-1, 1, (1, _BATCH.value, *factory.image_shape))
-  batch = parallel.shard_steps(mesh, images.astype(np.float32))
-  state = factory.create(mesh)
+  run = Run.create(config)
+  step = train_step.make_train_step(run)
+  images = np.random.default_rng(0).uniform(-1, 1, (1, _BATCH.value, *run.image_shape))
+  batch = parallel.shard_steps(run.mesh, images.astype(np.float32))
+  state = run.initial_state()
   compiled = step.lower(state, batch).compile()
   for _ in range(2):  # warm-up: first-call allocations, thread pools
     state, _ = compiled(state, batch)

@@ -133,7 +133,8 @@ def sample_eval(kind: str) -> ml_collections.ConfigDict:
       # images through StyleGAN2's code.
       reference_split='train',
       reference_num_examples=ml_collections.config_dict.placeholder(int),
-      # Where reference statistics are cached; None: <workdir>/fid_stats.
+      # Where reference statistics are cached; None: <workdir>/fid_stats (inception),
+      # <data_dir>/sklearn_digits_classifier (digits, with its classifier).
       reference_dir=ml_collections.config_dict.placeholder(str),
     )
   )

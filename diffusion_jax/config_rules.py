@@ -71,6 +71,16 @@ def range_problems(
   return problems
 
 
+def evaluator_range_problems(
+  name: str, settings: ml_collections.ConfigDict, ranges: Iterable[Range]
+) -> Problems:
+  """Range problems of evaluator ``name``: its period and ``ranges`` ((field of the evaluator,
+  rule, meaning)), named ``evals.<name>.<field>``."""
+  specs = [('every_steps', 'non-negative count', 'the period in the train loop, 0 = off'), *ranges]
+  wrapped = ml_collections.ConfigDict({'evals': {name: settings}})
+  return range_problems(wrapped, [(f'evals.{name}.{f}', rule, what) for f, rule, what in specs])
+
+
 def choice_problem(field: str, value: Any, choices: tuple[str, ...]) -> str | None:
   """The problem of an enumerated field set to none of its ``choices`` (None if it is fine)."""
   if value in choices:

@@ -23,10 +23,6 @@ reference, from the repository root:
 
 Caveat: like any classifier it is over-confident on some non-digits (many pure-noise images get
 a confident class), so read confident_fraction together with the histogram and fd.
-
-Re-exported from ``digits_classifier``: ``DATASET_NAME``, ``FEATURE_DIM``, ``IMAGE_SHAPE``,
-``DigitsClassifier``, ``classifier_key``, ``default_cache_dir``, ``load_or_train_classifier``,
-``load_split``.
 """
 
 from __future__ import annotations
@@ -45,10 +41,8 @@ from etils import epath
 from ml_collections import config_flags
 
 from diffusion_jax import feature_metrics, input_pipeline, npz
-from diffusion_jax.digits_classifier import (  # noqa: F401  (re-exported)
-  DATASET_NAME,
+from diffusion_jax.digits_classifier import (
   FEATURE_DIM,
-  IMAGE_SHAPE,
   NUM_CLASSES,
   DigitsClassifier,
   check_builder,

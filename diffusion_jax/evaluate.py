@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from clu import metric_writers
 
-from diffusion_jax import console
+from diffusion_jax import console, train_state
 from diffusion_jax import run as run_lib
 from diffusion_jax.evaluators import base
 from diffusion_jax.evaluators.registry import TYPES
@@ -53,6 +53,7 @@ def evaluate_checkpoint(run: run_lib.Run, *, config_name: str | None = None) -> 
   """``--mode=eval``: every evaluator on the latest checkpoint's EMA params ->
   ``workdir/eval/step_<N>/`` (``report.json``, each evaluator's files in its own folder, e.g.
   ``digits/samples.png``, ``bpd/nll_terms.csv``) and ``eval/*`` scalars; returns the report."""
+  train_state.latest_step(run.workdir)  # a checkpoint to evaluate, before anything is built
   evaluators = build(run, in_loop=False)
   state = run.restore_latest()
   step = int(state.step)

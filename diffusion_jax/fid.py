@@ -16,13 +16,15 @@ O); ``.bn.weight/bias/running_mean/running_var`` are ``bn/scale/bias/mean/var``;
 Weights: convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth once (needs torch) with
   python -m diffusion_jax.fid --pytorch_fid_weights=pt_inception-2015-12-05-6726825d.pth \\
       --output=inception_fid.npz
-The statistics and distances live in ``feature_metrics``, re-exported here: ``FeatureStats``,
-``frechet_distance``, ``inception_score``, ``save_stats``, ``load_stats``."""
+The statistics and distances live in ``feature_metrics`` (``frechet_distance``,
+``inception_score``, ``FeatureStats``, ``save_stats``, ``load_stats``); their old names here,
+``fid.frechet_distance`` and the others, still work with a deprecation warning."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -33,14 +35,7 @@ from absl import app, flags, logging
 from etils import epath
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from diffusion_jax import npz, torch_weights
-from diffusion_jax.feature_metrics import (  # noqa: F401  (re-exported: fid.X is the public API)
-  FeatureStats,
-  frechet_distance,
-  inception_score,
-  load_stats,
-  save_stats,
-)
+from diffusion_jax import feature_metrics, npz, torch_weights
 
 Params = Mapping[str, Any]
 
@@ -52,6 +47,19 @@ PYTORCH_FID_WEIGHTS_URL = (
   'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + PYTORCH_FID_WEIGHTS
 )
 _HIGHEST = jax.lax.Precision.HIGHEST  # TPU convs/matmuls in f32, as the reference computes
+_MOVED = ('FeatureStats', 'frechet_distance', 'inception_score', 'load_stats', 'save_stats')
+
+
+def __getattr__(name: str) -> Any:
+  """``fid.frechet_distance`` and the other statistics of earlier releases, deprecated."""
+  if name not in _MOVED:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  warnings.warn(
+    f'diffusion_jax.fid.{name} is deprecated: use diffusion_jax.feature_metrics.{name}.',
+    DeprecationWarning,
+    stacklevel=2,
+  )
+  return getattr(feature_metrics, name)
 
 
 # ----------------------------------------------------------------------------- network
@@ -256,27 +264,6 @@ _MODEL = FIDInceptionV3()
 def inception_outputs(params: Params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Pool3 features (N, 2048) and logits (N, 1008) of NHWC [0, 1] images."""
   return _MODEL.apply({'params': params}, images)
-
-
-@jax.jit
-def pool3_features(params: Params, images: jax.Array) -> jax.Array:
-  """Pool3 features (N, 2048) of NHWC [0, 1] images."""
-  return _MODEL.apply({'params': params}, images)[0]
-
-
-def batched_outputs(
-  params: Params, images: np.ndarray, batch_size: int = 100
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (pool3, logits) as numpy per batch of ``batch_size`` images; the last batch is
-  padded, then trimmed."""
-  params = jax.device_put(params)  # once, not per batch
-  for start in range(0, len(images), batch_size):
-    batch = np.asarray(images[start : start + batch_size], np.float32)
-    n = len(batch)
-    if n < batch_size:  # one compiled shape for every batch
-      batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.float32)])
-    pool3, logits = jax.device_get(inception_outputs(params, batch))
-    yield pool3[:n], logits[:n]
 
 
 # ----------------------------------------------------------------------------- weights

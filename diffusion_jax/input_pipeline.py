@@ -15,42 +15,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from diffusion_jax import console, images, rngs, runtime
-from diffusion_jax.datasets import sklearn_digits
+from diffusion_jax.datasets import prepare, sklearn_digits
 from diffusion_jax.errors import SetupError
 
 Batch = dict[str, np.ndarray]
-
-# Raw files that TFDS cannot download itself, by builder name; ``{...}`` is filled per builder.
-_MANUAL_STEPS = {
-  'lsun_lmdb': (
-    'Not with that command: LSUN is prepared offline from the LMDB zips of its release. Run\n'
-    '  python -m diffusion_jax.datasets.prepare --dataset=lsun_lmdb/{config} '
-    '--data_dir={data_dir}\n'
-    'It names the files it needs and where to download them (http://dl.yf.io/lsun/, or\n'
-    '`python download.py -c {config}` of https://github.com/fyu/lsun for scene categories),\n'
-    'reads them, zipped or unzipped, from {manual_dir}\n'
-    '(or from --manual_dir=FOLDER, a local folder) and prints the flags to train with.\n'
-    'Step by step: docs/datasets.md.'
-  ),
-  'lsun': (
-    "Not with that command: TFDS's lsun builder reads LMDB with tensorflow-io, which does not\n"
-    'load with the pinned TensorFlow. Use --config.dataset.name=lsun_lmdb/{config} instead and\n'
-    'prepare it offline from the LSUN LMDB zips with\n'
-    '  python -m diffusion_jax.datasets.prepare --dataset=lsun_lmdb/{config} '
-    '--data_dir={data_dir}\n'
-    'Step by step: docs/datasets.md.'
-  ),
-  'celeb_a_hq': (
-    'Not with that command: CelebA-HQ cannot be downloaded. Create it from CelebA (img_celeba.7z,\n'
-    "list_landmarks_celeba.txt) and the CelebA-HQ delta files with progressive_growing_of_gans'\n"
-    '`dataset_tool.py create_celebahq`, then run\n'
-    '  python -m diffusion_jax.datasets.prepare --dataset=celeb_a_hq/{config} '
-    '--data_dir={data_dir} --manual_dir=FOLDER\n'
-    'where FOLDER holds its celebahq-rNN.tfrecords (r08 for 256x256) or a tar\n'
-    'data{config}x{config}.tar of the 30,000 {config}x{config} PNGs.\n'
-    'Step by step: docs/datasets.md.'
-  ),
-}
 
 
 class DatasetNotPreparedError(SetupError):
@@ -101,31 +69,6 @@ def check_splits(builder: tfds.core.DatasetBuilder, splits: dict[str, str | None
       ) from None
 
 
-def prepare_instructions(builder: tfds.core.DatasetBuilder) -> str:
-  """Returns how to prepare ``builder``'s dataset in its data dir, with manual steps if needed."""
-  name = builder.info.full_name.rsplit('/', 1)[0]  # 'lsun/bedroom', without the version
-  data_dir = builder.data_dir_root
-  command = (
-    'python -c "import tensorflow_datasets as tfds; '
-    f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\""
-  )
-  message = (
-    f"Dataset '{name}' is not prepared in {data_dir} (expected {builder.data_dir}).\n"
-    f'Prepare it on a machine with internet access (the `tfds build` CLI of this stack\n'
-    f'needs apache_beam):\n  {command}\n'
-    'or re-run training with --config.dataset.download=True on a machine with internet '
-    'access.'
-  )
-  if builder.name in _MANUAL_STEPS:
-    steps = _MANUAL_STEPS[builder.name].format(
-      config=builder.builder_config.name,
-      data_dir=data_dir,
-      manual_dir=builder.data_dir_root / 'downloads' / 'manual',
-    )
-    message += f'\nManual steps:\n{steps}'
-  return message
-
-
 def get_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The prepared builder of ``config.dataset``: builds ``sklearn_digits`` offline, downloads if
   ``download`` allows, else raises DatasetNotPreparedError with the command that prepares it.
@@ -154,7 +97,7 @@ def _prepared_builder(dataset_config: ml_collections.ConfigDict) -> tfds.core.Da
   elif dataset_config.download:
     builder.download_and_prepare()
   if not builder.is_prepared():
-    raise DatasetNotPreparedError(prepare_instructions(builder))
+    raise DatasetNotPreparedError(prepare.instructions(builder))
   return builder
 
 

@@ -106,11 +106,11 @@ def problems(
   if not _int(num_res_blocks) or num_res_blocks < 0:
     say(
       'num_res_blocks',
-      f'num_res_blocks={num_res_blocks!r} must be an integer >= 0',
+      f'num_res_blocks={num_res_blocks!r} must be an integer >= 0: it is the blocks per level',
       'num_res_blocks=2',
     )
   if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-    say('dropout', f'dropout={dropout!r} is a drop rate in [0, 1)', 'dropout=0.1')
+    say('dropout', f'dropout={dropout!r} must be in [0, 1): it is the dropout rate', 'dropout=0.1')
   try:
     compute_dtype(dtype)
   except (TypeError, ValueError):

@@ -133,7 +133,8 @@ def _train(run: run_lib.Run, manager: ocp.CheckpointManager, state: TrainState) 
             _check_finite(running, manager)
             train_state.save(manager, state, step=step, force=True)
           break
-        report_progress(step)
+        for each_step in range(step - k + 1, step + 1):  # CLU's progress wants every step
+          report_progress(each_step)
         if log:
           values = running.compute()
           del values['first_nonfinite_step']  # checked above, at every boundary

@@ -287,8 +287,9 @@ def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
   }
 
 
-def restore_latest(workdir: epath.PathLike, abstract_state: TrainState) -> TrainState:
-  """The latest complete checkpoint in ``workdir``, or a SetupError saying what to do."""
+def latest_step(workdir: epath.PathLike) -> int:
+  """The step of the latest complete checkpoint in ``workdir``, or a SetupError saying what to
+  do (nothing is read but the folder listing)."""
   workdir = resolve_workdir(workdir)
   if not (workdir / 'checkpoints').exists():
     raise SetupError(
@@ -297,8 +298,19 @@ def restore_latest(workdir: epath.PathLike, abstract_state: TrainState) -> Train
     )
   manager = checkpoint_manager(workdir, read_only=True)
   try:
-    if manager.latest_step() is None:
-      raise SetupError(f'No complete checkpoint in {workdir / "checkpoints"}.')
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  if step is None:
+    raise SetupError(f'No complete checkpoint in {workdir / "checkpoints"}.')
+  return step
+
+
+def restore_latest(workdir: epath.PathLike, abstract_state: TrainState) -> TrainState:
+  """The latest complete checkpoint in ``workdir``, or a SetupError saying what to do."""
+  latest_step(workdir)
+  manager = checkpoint_manager(workdir, read_only=True)
+  try:
     return restore(manager, abstract_state)
   finally:
     manager.close()

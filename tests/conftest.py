@@ -101,9 +101,9 @@ def fixed_batch(config, steps_per_call: int) -> np.ndarray:
 
 
 def setup(config, devices=None):
-  """(run, initial state, jitted step) of ``config`` on ``devices`` (default: all)."""
+  """(mesh, initial state, jitted step) of ``config``'s run on ``devices`` (default: all)."""
   from diffusion_jax import train_step
   from diffusion_jax.run import Run
 
   run = Run.create(config, devices=devices)
-  return run, run.initial_state(), train_step.make_train_step(run)
+  return run.mesh, run.initial_state(), train_step.make_train_step(run)

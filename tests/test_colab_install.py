@@ -13,8 +13,11 @@ from packaging.requirements import Requirement
 
 from conftest import REPO
 
+pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
+
 spec = importlib.util.spec_from_file_location('colab_install', REPO / 'notebooks/colab_install.py')
 colab_install = importlib.util.module_from_spec(spec)
+sys.modules['colab_install'] = colab_install  # dataclasses look their module up
 spec.loader.exec_module(colab_install)
 
 IMAGES = REPO / 'tests' / 'data' / 'colab'
@@ -28,18 +31,20 @@ def image(runtime: str) -> dict[str, str]:
 def locked_closure(extras: tuple[str, ...] = ()) -> dict[str, str]:
   """What pip installs for the package under the lock: the package's requirements (with
   ``extras``), recursively, at the versions installed here (this venv is made from the lock)."""
-  versions, todo = {}, [('diffusion-jax', extras)]
+  versions, seen, todo = {}, set(), [('diffusion-jax', extras)]
   while todo:
     name, extras = todo.pop()
+    if (name, extras) in seen:
+      continue
+    seen.add((name, extras))
     for text in importlib.metadata.requires(name) or ():
       requirement = Requirement(text)
       environments = [{'extra': extra} for extra in ('', *extras)]
       if requirement.marker and not any(requirement.marker.evaluate(e) for e in environments):
         continue
       dependency = colab_install.normalize(requirement.name)
-      if dependency not in versions:
-        versions[dependency] = importlib.metadata.version(dependency)
-        todo.append((dependency, tuple(requirement.extras)))
+      versions[dependency] = importlib.metadata.version(dependency)
+      todo.append((dependency, tuple(sorted(requirement.extras))))
   return versions
 
 

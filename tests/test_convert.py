@@ -26,7 +26,16 @@ import tensorflow as tf
 from flax.traverse_util import flatten_dict
 from tensorflow.core.protobuf import rewriter_config_pb2
 
-from diffusion_jax import convert, models, npz, parallel, rngs, sampling, train_state
+from diffusion_jax import (
+  convert,
+  convert_layouts,
+  convert_sources,
+  draw,
+  models,
+  npz,
+  rngs,
+)
+from diffusion_jax.run import Run
 
 from conftest import load_config
 
@@ -220,7 +229,7 @@ def small(tmp_path_factory):
   """Two random weight sets A and B of the small config, as a diffusers folder each and one TF
   checkpoint holding A with B as its EMA copies."""
   config = small_config()
-  model = train_state.StateFactory.from_config(config).model
+  model = Run.create(config).model
   folder = tmp_path_factory.mktemp('sources')
   diffusers_a, tf_a = source_weights(config, seed=0)
   diffusers_b, tf_b = source_weights(config, seed=1, legacy_attention=True)
@@ -241,7 +250,7 @@ def small(tmp_path_factory):
 
 
 def test_diffusers_file_loads_into_the_flax_tree_with_both_attention_key_styles(small):
-  abstract = convert.abstract_params(small['config'])
+  abstract = convert_layouts.abstract_params(small['config'])
   for folder in (small['folder_a'], small['folder_b']):  # B uses query/key/value/proj_attn
     state_dict = safetensors.numpy.load_file(str(folder / 'diffusion_pytorch_model.safetensors'))
     params = convert.params_from_diffusers(state_dict, small['config'])
@@ -272,7 +281,7 @@ def test_tf_checkpoint_loads_raw_and_ema_and_ignores_adam(small):
   assert 'model/down_1/attn_0/q/W/ExponentialMovingAverage' in names  # named by TF itself
   assert {'model/conv_in/W/Adam', 'model/conv_in/W/Adam_1', 'beta1_power', 'global_step'} <= names
 
-  variables, step = convert.read_tf_checkpoint(small['tf_checkpoint'])
+  variables, step = convert_sources.read_tf_checkpoint(small['tf_checkpoint'])
   assert step == TF_STEP
   params, ema_params = convert.params_from_tf(variables, small['config'])
   chex.assert_trees_all_equal(
@@ -288,18 +297,24 @@ def test_tf_checkpoint_loads_raw_and_ema_and_ignores_adam(small):
     ema_params['up_1_upsample']['conv']['kernel'], small['tf_b']['model/up_1/upsample/conv/W']
   )
   # A folder: its latest checkpoint.
-  assert convert.read_tf_checkpoint(os.path.dirname(small['tf_checkpoint']))[1] == TF_STEP
+  assert convert_sources.read_tf_checkpoint(os.path.dirname(small['tf_checkpoint']))[1] == TF_STEP
 
 
 def test_same_weights_give_identical_outputs_from_either_file(small):
   config = small['config']
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1.0, maxval=1.0)
   t = jnp.array([0, 9], jnp.int32)
-  from_diffusers = small['forward'](convert.diffusers_params(small['folder_a'], config), x, t)
-  raw, ema = convert.params_from_tf(convert.read_tf_checkpoint(small['tf_checkpoint'])[0], config)
+  from_diffusers = small['forward'](
+    convert_sources.diffusers_params(small['folder_a'], config), x, t
+  )
+  raw, ema = convert.params_from_tf(
+    convert_sources.read_tf_checkpoint(small['tf_checkpoint'])[0], config
+  )
   np.testing.assert_array_equal(np.asarray(from_diffusers), np.asarray(small['forward'](raw, x, t)))
   assert np.abs(np.asarray(from_diffusers)).mean() > 1e-2
-  from_ema_file = small['forward'](convert.diffusers_params(small['folder_b'], config), x, t)
+  from_ema_file = small['forward'](
+    convert_sources.diffusers_params(small['folder_b'], config), x, t
+  )
   np.testing.assert_array_equal(np.asarray(from_ema_file), np.asarray(small['forward'](ema, x, t)))
 
 
@@ -307,15 +322,17 @@ def test_same_weights_give_identical_outputs_from_either_file(small):
 def test_lsun_configs_take_the_celebahq_weights(name):
   """One 256x256 structure: the LSUN configs accept the released 256x256 U-Net, as celebahq."""
   config = load_config(name)
-  convert.check_diffusers_config(CONFIG_JSON_256, config)
-  assert convert.abstract_params(config) == convert.abstract_params(load_config('celebahq.py'))
+  convert_sources.check_diffusers_config(CONFIG_JSON_256, config)
+  assert convert_layouts.abstract_params(config) == convert_layouts.abstract_params(
+    load_config('celebahq.py')
+  )
 
 
 @pytest.mark.parametrize('name', ['cifar10.py', 'celebahq.py'], ids=['cifar10', '256x256'])
 def test_released_structures_fit_exactly(name):
   config = load_config(name)
   config_json = CIFAR10_CONFIG_JSON if name == 'cifar10.py' else CONFIG_JSON_256
-  convert.check_diffusers_config(config_json, config)
+  convert_sources.check_diffusers_config(config_json, config)
   diffusers, original = source_weights(config, seed=None)
   params = convert.params_from_diffusers(diffusers, config)
   assert len(diffusers) == len(original) == len(jax.tree.leaves(params))
@@ -511,13 +528,17 @@ def test_config_json_mismatch_names_each_entry(small, tmp_path):
   assert "flip_sin_to_cos: absent (diffusers' default True), needs False" in text
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   cifar10 = load_config('cifar10.py')
-  convert.check_diffusers_config({**CIFAR10_CONFIG_JSON, 'attention_head_dim': 256}, cifar10)
+  convert_sources.check_diffusers_config(
+    {**CIFAR10_CONFIG_JSON, 'attention_head_dim': 256}, cifar10
+  )
   with pytest.raises(convert.ConversionError, match='attention_head_dim: 8, needs null'):
-    convert.check_diffusers_config({**CIFAR10_CONFIG_JSON, 'attention_head_dim': 8}, cifar10)
+    convert_sources.check_diffusers_config(
+      {**CIFAR10_CONFIG_JSON, 'attention_head_dim': 8}, cifar10
+    )
   config = load_config('cifar10.py')
   config.model.attn_resolutions = (8,)
   with pytest.raises(convert.ConversionError) as error:
-    convert.check_diffusers_config(CIFAR10_CONFIG_JSON, config)
+    convert_sources.check_diffusers_config(CIFAR10_CONFIG_JSON, config)
   assert (
     "down_block_types: ['DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'], needs "
     "['DownBlock2D', 'DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D'] "
@@ -546,14 +567,14 @@ def test_bin_without_torch_and_missing_files_raise_clearly(small, tmp_path, monk
   (folder / 'config.json').write_text(json.dumps(small_config_json()))
   monkeypatch.setitem(sys.modules, 'torch', None)
   with pytest.raises(convert.ConversionError, match='PyTorch is not installed'):
-    convert.read_diffusers(folder)
+    convert_sources.read_diffusers(folder)
   with pytest.raises(
     convert.ConversionError, match='No diffusion_pytorch_model.safetensors or .*bin in'
   ):
-    convert.read_diffusers(tmp_path)
+    convert_sources.read_diffusers(tmp_path)
   (folder / 'config.json').unlink()
   with pytest.raises(convert.ConversionError, match='No config.json beside'):
-    convert.read_diffusers(folder / 'diffusion_pytorch_model.bin')
+    convert_sources.read_diffusers(folder / 'diffusion_pytorch_model.bin')
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -561,8 +582,8 @@ def test_bin_without_torch_and_missing_files_raise_clearly(small, tmp_path, monk
 
 def _restore(config, workdir):
   """The latest checkpoint of ``workdir``, restored as training, sampling and evaluation do."""
-  abstract = train_state.StateFactory.from_config(config).abstract(parallel.make_mesh())
-  return train_state.restore_latest(workdir, abstract), abstract
+  run = Run.create(config, workdir)
+  return run.restore_latest(), run.abstract_state()
 
 
 def test_diffusers_to_checkpoint_with_ema_file_and_refuses_to_overwrite(small, tmp_path):
@@ -584,7 +605,7 @@ def test_diffusers_to_checkpoint_with_ema_file_and_refuses_to_overwrite(small, t
   chex.assert_trees_all_equal(state.params, a)
   chex.assert_trees_all_equal(state.ema_params, b)
   # A fresh Adam state (zero moments and count), and the run's ``train`` random stream.
-  fresh = train_state.StateFactory.from_config(config).tx.init(a)
+  fresh = Run.create(config).state_factory.tx.init(a)
   chex.assert_trees_all_equal(state.opt_state, fresh)
   np.testing.assert_array_equal(state.rng, rngs.key(config.seed, 'train'))
   with pytest.raises(convert.ConversionError, match='already holds checkpoints'):
@@ -600,11 +621,11 @@ def test_tf_to_checkpoint_then_sample(small, tmp_path):
   state, _ = _restore(config, workdir)
   assert int(state.step) == TF_STEP
   params, ema_params = convert.params_from_tf(
-    convert.read_tf_checkpoint(small['tf_checkpoint'])[0], config
+    convert_sources.read_tf_checkpoint(small['tf_checkpoint'])[0], config
   )
   chex.assert_trees_all_equal(state.params, params)
   chex.assert_trees_all_equal(state.ema_params, ema_params)
-  images = sampling.sample_from_checkpoint(config, workdir, num_samples=8)
+  images = draw.sample_from_checkpoint(Run.create(config, workdir), num_samples=8)
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8
   assert images.std() > 0  # random weights: not a constant image
   # Sampled from the converted step, saved as --mode=sample saves.

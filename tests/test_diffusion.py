@@ -12,6 +12,8 @@ from diffusion_jax import diffusion
 
 from gaussian_reference import MU, S, discretized_entropy_bits, expected_bound_bits, optimal_eps_fn
 
+pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
+
 T = 1000
 PAPER = dict(beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=T)
 

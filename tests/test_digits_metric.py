@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from diffusion_jax import digits_classifier as dc
 from diffusion_jax import digits_metric as dm
-from diffusion_jax import fid, input_pipeline
+from diffusion_jax import feature_metrics, input_pipeline
 
 from conftest import load_config
 
@@ -31,12 +31,12 @@ def builder(data_dir):
 @pytest.fixture(scope='session')
 def classifier(builder):
   # Trains once (~15-30 s on 2 cores) and caches under the data dir.
-  return dm.load_or_train_classifier(builder)
+  return dc.load_or_train_classifier(builder)
 
 
 @pytest.fixture(scope='session')
 def test_digits(builder):
-  return dm.load_split(builder, 'test')
+  return dc.load_split(builder, 'test')
 
 
 @pytest.fixture(scope='session')
@@ -52,7 +52,7 @@ def test_classifier_accuracy_and_test_split(classifier, test_digits):
 
 
 def test_training_is_deterministic_and_cached(builder, classifier, monkeypatch):
-  images, labels = dm.load_split(builder, 'train')
+  images, labels = dc.load_split(builder, 'train')
   # Determinism on short runs (the full run takes ~15 s; it is a loop of these same steps).
   first = dc.train_params(images, labels, steps=40)
   chex.assert_trees_all_equal(dc.train_params(images, labels, steps=40), first)
@@ -62,17 +62,17 @@ def test_training_is_deterministic_and_cached(builder, classifier, monkeypatch):
   )
   trained = []
   monkeypatch.setattr(dc, 'train_params', lambda *a, **k: trained.append(1) or classifier.params)
-  path = dc.classifier_path(dm.default_cache_dir(builder))
+  path = dc.classifier_path(dc.default_cache_dir(builder))
   mtime = path.stat().mtime
-  loaded = dm.load_or_train_classifier(builder)  # from the cache the fixture wrote
+  loaded = dc.load_or_train_classifier(builder)  # from the cache the fixture wrote
   chex.assert_trees_all_equal(loaded.params, classifier.params)
   assert loaded.test_accuracy == classifier.test_accuracy and path.stat().mtime == mtime
   assert trained == []
   # Another training recipe is another cache key: the cached classifier is not used for it.
   monkeypatch.setitem(dc.TRAIN_HPARAMS, 'steps', dc.TRAIN_HPARAMS['steps'] + 1)
-  assert dm.classifier_key() != classifier.key
-  cache_dir = dm.default_cache_dir(builder)
-  assert dm.load_or_train_classifier(builder, cache_dir=cache_dir).key == dm.classifier_key()
+  assert dc.classifier_key() != classifier.key
+  cache_dir = dc.default_cache_dir(builder)
+  assert dc.load_or_train_classifier(builder, cache_dir=cache_dir).key == dc.classifier_key()
   assert trained == [1]
   dc.classifier_path(cache_dir).unlink()
 
@@ -80,7 +80,7 @@ def test_training_is_deterministic_and_cached(builder, classifier, monkeypatch):
 @pytest.mark.parametrize('damage', ['garbage', 'truncated', 'other_version', 'wrong_shapes'])
 def test_bad_cache_is_retrained(builder, classifier, tmp_path, monkeypatch, damage):
   path = dc.classifier_path(tmp_path)
-  good = dc.classifier_path(dm.default_cache_dir(builder)).read_bytes()
+  good = dc.classifier_path(dc.default_cache_dir(builder)).read_bytes()
   if damage == 'garbage':
     path.write_bytes(b'not an npz')
   elif damage == 'truncated':
@@ -90,7 +90,7 @@ def test_bad_cache_is_retrained(builder, classifier, tmp_path, monkeypatch, dama
     if damage == 'wrong_shapes':
       params = jax.tree.map(lambda x: x[..., :1], params)
     key = 'digits-cnn-v1-deadbeef' if damage == 'other_version' else classifier.key
-    dc.save_classifier(path, dm.DigitsClassifier(params, key, 1.0))
+    dc.save_classifier(path, dc.DigitsClassifier(params, key, 1.0))
   calls = []
 
   def train(*args, **kwargs):  # stands in for training: returns the known params at once
@@ -98,11 +98,11 @@ def test_bad_cache_is_retrained(builder, classifier, tmp_path, monkeypatch, dama
     return classifier.params
 
   monkeypatch.setattr(dc, 'train_params', train)
-  retrained = dm.load_or_train_classifier(builder, cache_dir=tmp_path)
+  retrained = dc.load_or_train_classifier(builder, cache_dir=tmp_path)
   assert calls == [1]
   chex.assert_trees_all_equal(retrained.params, classifier.params)
   assert retrained.test_accuracy == pytest.approx(classifier.test_accuracy)
-  reloaded = dm.load_or_train_classifier(builder, cache_dir=tmp_path)
+  reloaded = dc.load_or_train_classifier(builder, cache_dir=tmp_path)
   chex.assert_trees_all_equal(reloaded.params, classifier.params)
   assert calls == [1]  # the rewritten cache loads
 
@@ -110,7 +110,7 @@ def test_bad_cache_is_retrained(builder, classifier, tmp_path, monkeypatch, dama
 def test_features_and_probs(classifier, test_digits):
   images = test_digits[0]
   features, probs = classifier.features_and_probs(images[:7])
-  assert features.shape == (7, dm.FEATURE_DIM) and probs.shape == (7, 10)
+  assert features.shape == (7, dc.FEATURE_DIM) and probs.shape == (7, 10)
   np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
   many = np.concatenate([images] * 4)  # 1200 images: batches of 500, the last one padded
   many_features = classifier.features_and_probs(many)[0]
@@ -126,16 +126,16 @@ def test_features_and_probs(classifier, test_digits):
 
 def test_reference_stats_are_cached(builder, classifier, train_ref, tmp_path, monkeypatch):
   # The cache is fid's statistics file, with the split's image count.
-  cached = dm.default_cache_dir(builder) / f'ref_{classifier.key}_train_n1497.npz'
-  mu, sigma, num_images = fid.load_stats(cached)
+  cached = dc.default_cache_dir(builder) / f'ref_{classifier.key}_train_n1497.npz'
+  mu, sigma, num_images = feature_metrics.load_stats(cached)
   assert num_images == 1497
   np.testing.assert_array_equal(mu, train_ref[0])
-  assert mu.shape == (dm.FEATURE_DIM,) and sigma.shape == (dm.FEATURE_DIM, dm.FEATURE_DIM)
+  assert mu.shape == (dc.FEATURE_DIM,) and sigma.shape == (dc.FEATURE_DIM, dc.FEATURE_DIM)
   eigenvalues = np.linalg.eigvalsh(sigma)  # full-rank, well-conditioned features (no dead units)
   assert eigenvalues.min() > 1e-6 * eigenvalues.max()
   # A stale file (another count) is recomputed; a good one is read.
   stale = tmp_path / cached.name
-  fid.save_stats(stale, mu + 1, sigma, 1000)
+  feature_metrics.save_stats(stale, mu + 1, sigma, 1000)
   recomputed = dm.reference_stats(builder, 'train', classifier=classifier, cache_dir=tmp_path)
   chex.assert_trees_all_close(recomputed, train_ref, rtol=1e-10)
   monkeypatch.setattr(
@@ -177,10 +177,10 @@ def test_noise_and_blank_images_fail(classifier, test_digits, train_ref):
 
 def test_fd_of_features_with_themselves_is_zero(builder, classifier, test_digits):
   features = classifier.features_and_probs(test_digits[0])[0]
-  stats = fid.FeatureStats(dm.FEATURE_DIM)
+  stats = feature_metrics.FeatureStats(dc.FEATURE_DIM)
   stats.update(features)
   mu, sigma = stats.mean_cov()
-  assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+  assert abs(feature_metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
   test_ref = dm.reference_stats(builder, 'test', classifier=classifier)
   assert abs(dm.digits_metrics(classifier, test_digits[0], test_ref)['fd']) < 1e-6 * np.trace(sigma)
 
@@ -188,8 +188,8 @@ def test_fd_of_features_with_themselves_is_zero(builder, classifier, test_digits
 def test_only_digits_builders(builder, classifier, tmp_path):
   other = tfds.builder('cifar10', data_dir=str(tmp_path))  # not prepared: never read
   for call in (
-    lambda: dm.load_or_train_classifier(other),
-    lambda: dm.load_split(other, 'test'),
+    lambda: dc.load_or_train_classifier(other),
+    lambda: dc.load_split(other, 'test'),
     lambda: dm.reference_stats(other, classifier=classifier),
   ):
     with pytest.raises(ValueError, match="only scores 'sklearn_digits'.*'cifar10'"):
@@ -223,5 +223,5 @@ def test_command_line(data_dir, classifier, test_digits, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'trained the digits classifier' not in result.stderr  # used the cache
   out = result.stdout
-  assert dm.classifier_key() in out and '(step 7)' in out and "real 'test' digits (baseline)" in out
+  assert dc.classifier_key() in out and '(step 7)' in out and "real 'test' digits (baseline)" in out
   assert 'fd_n300' in out and 'confident_fraction' in out and 'class_histogram' in out

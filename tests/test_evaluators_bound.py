@@ -71,7 +71,7 @@ def padded_run(gaussian, bpd_fn, mesh):
       for i, b in enumerate(batches)
     ]
   )
-  result = bound.BoundEvaluator(bpd_fn, batches, mesh)(None, rng)
+  result = bound.nll_bits_per_dim(bpd_fn, None, batches, mesh, rng)
   return per_example[:NUM_EXAMPLES], result, rng
 
 

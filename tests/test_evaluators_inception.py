@@ -1,6 +1,6 @@
 """The FID/IS evaluator on 8 CPU devices: Inception's input, the reference statistics (computed
-sharded over the first `eval.reference_num_examples`, cached via fid.save_stats, then reused) and
-scoring exactly the first N samples, with random Inception weights (no download)."""
+sharded over the first `reference_num_examples`, cached via feature_metrics.save_stats, then
+reused) and scoring exactly the first N samples, with random Inception weights (no download)."""
 
 import math
 import pathlib
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax.traverse_util import unflatten_dict
 
-from diffusion_jax import diffusion, evaluate, fid, input_pipeline, parallel, train_state
+from diffusion_jax import evaluate, feature_metrics, fid, input_pipeline, parallel
 from diffusion_jax.evaluators import inception
+from diffusion_jax.run import Run
 
 from conftest import load_config
 
@@ -67,14 +68,14 @@ def test_evaluator_scores_exactly_the_first_n_samples(mesh):
   x = rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
   reference_features = rng.normal(size=(50, fid.POOL3_DIM))
   reference = (reference_features.mean(0), np.cov(reference_features, rowvar=False))
-  evaluator = inception.InceptionEvaluator(fake_inception_fn, 2.0, reference)
+  evaluator = inception.InceptionScore(fake_inception_fn, 2.0, reference)
   sharding = parallel.replicated(mesh)  # any layout: rows are gathered whole
   chunks = (jax.device_put(x[i : i + 8], sharding) for i in (0, 8))
   metrics = evaluator(chunks, 10)
   pool3, logits = (np.asarray(a) for a in fake_inception_fn(2.0, x[:10]))
-  expected_is, expected_is_std = fid.inception_score(logits, inception.NUM_IS_SPLITS)
+  expected_is, expected_is_std = feature_metrics.inception_score(logits, inception.NUM_IS_SPLITS)
   expected = {
-    'fid': fid.frechet_distance(pool3.mean(0), np.cov(pool3, rowvar=False), *reference),
+    'fid': feature_metrics.frechet_distance(pool3.mean(0), np.cov(pool3, rowvar=False), *reference),
     'is': expected_is,
     'is_std': expected_is_std,
   }
@@ -85,8 +86,9 @@ def test_evaluator_scores_exactly_the_first_n_samples(mesh):
 def inception_config(data_dir, random_inception, tmp_path_factory):
   """configs/digits.py:tiny scored by FID/IS against the first 8 test digits."""
   config = load_config('digits.py:tiny', data_dir)
-  config.eval.update(
-    metrics='inception',
+  config.evals.fid = load_config('cifar10.py').evals.fid
+  del config.evals['digits']
+  config.evals.fid.update(
     inception_path=random_inception,
     reference_split='test',
     reference_num_examples=8,
@@ -99,49 +101,39 @@ def inception_config(data_dir, random_inception, tmp_path_factory):
 
 @pytest.mark.filterwarnings('ignore::scipy.linalg.LinAlgWarning')  # 10 samples, 2048 dims
 def test_reference_of_the_first_examples_is_computed_once_then_read(
-  inception_config, mesh, tmp_path, monkeypatch
+  inception_config, tmp_path, monkeypatch
 ):
   config = inception_config
-  builder = input_pipeline.get_builder(config.dataset)
-  factory = train_state.StateFactory.from_config(config)
-  evaluator = evaluate.build_evaluator(
-    config,
-    tmp_path,
-    builder,
-    factory.model,
-    diffusion.GaussianDiffusion.from_config(config.diffusion),
-    mesh,
-    image_shape=factory.image_shape,
-    num_samples=10,
-    nll_split=None,
+  run = Run.create(config, tmp_path)
+  evaluator = inception.create('fid', config.evals.fid, run, in_loop=False)
+  assert (evaluator.reference['reference_split'], evaluator.reference['reference_count']) == (
+    'test[:8]',
+    8,
   )
-  assert (evaluator.reference_split, evaluator.reference_count) == ('test[:8]', 8)
-  stats_dir = pathlib.Path(config.eval.reference_dir)
+  stats_dir = pathlib.Path(config.evals.fid.reference_dir)
   assert [p.name for p in stats_dir.iterdir()] == ['sklearn_digits_8px_test_8_8.npz']
-  mu, sigma, count = fid.load_stats(stats_dir / 'sklearn_digits_8px_test_8_8.npz')
+  mu, sigma, count = feature_metrics.load_stats(stats_dir / 'sklearn_digits_8px_test_8_8.npz')
   assert count == 8
   chex.assert_trees_all_equal((mu, sigma), evaluator.score.reference)
 
   # The sharded statistics are those of the 8 first test digits through Inception in one call.
   (batch,), _ = input_pipeline.create_eval_dataset(
-    builder, config.dataset, 'test[:8]', batch_size=8
+    run.builder, config.dataset, 'test[:8]', batch_size=8
   )
-  params = fid.load_params(config.eval.inception_path)
+  params = fid.load_params(config.evals.fid.inception_path)
   pool3, _ = fid.inception_outputs(params, inception.inception_input(jnp.asarray(batch['image'])))
   pool3 = np.asarray(pool3, np.float64)
   np.testing.assert_allclose(mu, pool3.mean(0), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(sigma, np.cov(pool3, rowvar=False), rtol=1e-3, atol=1e-6)
 
-  metrics = evaluator(factory.create(mesh).ema_params).metrics
-  assert set(metrics) == {'fid', 'is', 'is_std'}
-  assert np.isfinite(metrics['fid']) and metrics['fid'] >= 0
-  assert np.isfinite(metrics['is']) and metrics['is'] >= 1
+  result = evaluator(run.initial_state().ema_params, evaluate.evaluator_key(run, 'fid'))
+  assert set(result.scalars) == {'fid', 'is', 'is_std'} and 'samples.png' in result.files
+  assert np.isfinite(result.scalars['fid']) and result.scalars['fid'] >= 0
+  assert np.isfinite(result.scalars['is']) and result.scalars['is'] >= 1
 
   def no_recompute(*args, **kwargs):
     raise AssertionError('reference statistics recomputed instead of read from the cache')
 
   monkeypatch.setattr(input_pipeline, 'create_eval_dataset', no_recompute)
-  again = evaluate.make_score_fn(
-    config, tmp_path, builder, mesh, reference_split='test[:8]', batch_size=8
-  )
-  chex.assert_trees_all_equal(again.reference, evaluator.score.reference)
+  again = inception.create('fid', config.evals.fid, run, in_loop=True)
+  chex.assert_trees_all_equal(again.score.reference, evaluator.score.reference)

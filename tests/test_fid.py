@@ -15,7 +15,7 @@ import scipy.linalg
 from etils import epath
 from flax.traverse_util import flatten_dict
 
-from diffusion_jax import fid
+from diffusion_jax import feature_metrics, fid
 
 # pytorch-fid's FID Inception: 94 BasicConv2d (conv.weight + 4 BatchNorm tensors each) and fc.
 NUM_PYTORCH_FID_TENSORS = 472
@@ -223,21 +223,27 @@ def test_output_shapes(params, size):
   images = jax.ShapeDtypeStruct((4, size, size, 3), jnp.float32)
   pool3, logits = jax.eval_shape(fid.inception_outputs, params, images)
   assert pool3.shape == (4, 2048) and logits.shape == (4, 1008)
-  assert jax.eval_shape(fid.pool3_features, params, images).shape == (4, 2048)
 
 
-def test_forward_and_batching(params):
+def test_forward_is_per_image(params):
   images = np.random.default_rng(1).uniform(size=(3, 32, 32, 3)).astype(np.float32)
   pool3, logits = jax.device_get(fid.inception_outputs(params, images[:2]))
   assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
   assert np.isfinite(pool3).all() and np.isfinite(logits).all()
   assert (pool3 >= 0).all() and pool3.std() > 0  # an average of ReLU outputs
-  batches = list(fid.batched_outputs(params, images, batch_size=2))
-  assert [b[0].shape for b in batches] == [(2, 2048), (1, 2048)]
-  np.testing.assert_allclose(batches[0][0], pool3, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(batches[0][1], logits, rtol=1e-5, atol=1e-5)
-  alone = jax.device_get(fid.inception_outputs(params, np.stack([images[2], images[0]])))
-  np.testing.assert_allclose(batches[1][0], alone[0][:1], rtol=1e-5, atol=1e-6)
+  # An image's outputs do not depend on the other images of its batch (inference BatchNorm).
+  other = jax.device_get(fid.inception_outputs(params, np.stack([images[0], images[2]])))
+  np.testing.assert_allclose(other[0][0], pool3[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(other[1][0], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_statistics_old_names_in_fid_still_work_with_a_deprecation_warning():
+  mu, sigma = np.zeros(3), np.eye(3)
+  with pytest.warns(DeprecationWarning, match='use diffusion_jax.feature_metrics.frechet_distance'):
+    distance = fid.frechet_distance(mu, sigma, mu, sigma)
+  assert distance == feature_metrics.frechet_distance(mu, sigma, mu, sigma)
+  with pytest.raises(AttributeError):
+    fid.no_such_name  # noqa: B018
 
 
 def _torch_bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -280,7 +286,7 @@ def test_frechet_distance_diagonal_closed_form():
   s1, s2 = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
   want = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
   np.testing.assert_allclose(
-    fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)), want, rtol=1e-10
+    feature_metrics.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)), want, rtol=1e-10
   )
 
 
@@ -295,13 +301,13 @@ def test_frechet_distance_non_commuting():
   tr_covmean = np.sum(np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)))
   mu1, mu2 = rng.standard_normal((2, 8))
   want = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
-  np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2), want, rtol=1e-9)
+  np.testing.assert_allclose(feature_metrics.frechet_distance(mu1, s1, mu2, s2), want, rtol=1e-9)
 
 
 def test_frechet_distance_of_features_with_themselves_is_zero():
   features = np.random.default_rng(6).standard_normal((500, 32)) * 2 + 1
   mu, sigma = features.mean(0), np.cov(features, rowvar=False)
-  assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+  assert abs(feature_metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
 
 
 def test_frechet_distance_retries_with_eps(monkeypatch):
@@ -314,7 +320,7 @@ def test_frechet_distance_retries_with_eps(monkeypatch):
 
   monkeypatch.setattr(scipy.linalg, 'sqrtm', flaky_sqrtm)
   s1, s2 = np.diag([1.0, 2.0]), np.diag([3.0, 4.0])
-  got = fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=1e-3)
+  got = feature_metrics.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=1e-3)
   np.testing.assert_allclose(calls[1], (s1 + 1e-3 * np.eye(2)) @ (s2 + 1e-3 * np.eye(2)))
   want = 10.0 - 2 * (np.sqrt(1.001 * 3.001) + np.sqrt(2.001 * 4.001))
   np.testing.assert_allclose(got, want, rtol=1e-12)
@@ -322,13 +328,13 @@ def test_frechet_distance_retries_with_eps(monkeypatch):
 
 def test_frechet_distance_rejects_large_imaginary_part():
   with pytest.raises(ValueError, match='imaginary'):
-    fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
+    feature_metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
 
 
 def test_feature_stats_match_numpy_in_uneven_batches():
   # A large offset, a small spread.
   data = np.random.default_rng(7).standard_normal((1000, 24)) * 0.5 + 100.0
-  stats = fid.FeatureStats(dim=24)
+  stats = feature_metrics.FeatureStats(dim=24)
   for lo, hi in [(0, 1), (1, 1), (1, 8), (8, 308), (308, 1000)]:
     stats.update(data[lo:hi])
   mu, cov = stats.mean_cov()
@@ -338,11 +344,11 @@ def test_feature_stats_match_numpy_in_uneven_batches():
   with pytest.raises(ValueError, match=r'shape \(n, 24\)'):
     stats.update(data[:, :3])
   with pytest.raises(ValueError, match='at least 2'):
-    fid.FeatureStats(dim=24).mean_cov()
+    feature_metrics.FeatureStats(dim=24).mean_cov()
 
 
 def test_inception_score_uniform_is_one():
-  mean, std = fid.inception_score(np.zeros((100, 1008)))
+  mean, std = feature_metrics.inception_score(np.zeros((100, 1008)))
   np.testing.assert_allclose([mean, std], [1.0, 0.0], atol=1e-12)
 
 
@@ -350,7 +356,7 @@ def test_inception_score_confident_balanced_is_num_classes():
   k = 10
   labels = np.tile(np.arange(k), 100)  # each of the 10 splits uses the k classes equally
   logits = 50.0 * np.eye(1008)[labels]
-  mean, std = fid.inception_score(logits, num_splits=10)
+  mean, std = feature_metrics.inception_score(logits, num_splits=10)
   np.testing.assert_allclose(mean, k, rtol=1e-9)
   assert std < 1e-9
 
@@ -359,23 +365,23 @@ def test_stats_npz_round_trip(tmp_path):
   rng = np.random.default_rng(8)
   mu, sigma = rng.standard_normal(5), np.eye(5)
   path = epath.Path(tmp_path) / 'new_dir' / 'ref.npz'  # folders are made as needed
-  fid.save_stats(path, mu, sigma, 50000)
-  got_mu, got_sigma, n = fid.load_stats(path)
+  feature_metrics.save_stats(path, mu, sigma, 50000)
+  got_mu, got_sigma, n = feature_metrics.load_stats(path)
   np.testing.assert_array_equal(got_mu, mu)
   np.testing.assert_array_equal(got_sigma, sigma)
   assert n == 50000 and got_mu.dtype == got_sigma.dtype == np.float64
   np.savez(tmp_path / 'ttur.npz', mu=mu, sigma=sigma)
-  assert fid.load_stats(str(tmp_path / 'ttur.npz'))[2] is None
+  assert feature_metrics.load_stats(str(tmp_path / 'ttur.npz'))[2] is None
   with pytest.raises(FileNotFoundError, match='FeatureStats'):
-    fid.load_stats(tmp_path / 'missing.npz')
+    feature_metrics.load_stats(tmp_path / 'missing.npz')
   np.savez(tmp_path / 'other.npz', images=np.zeros(3))
   with pytest.raises(ValueError, match='needs mu and sigma'):
-    fid.load_stats(tmp_path / 'other.npz')
+    feature_metrics.load_stats(tmp_path / 'other.npz')
 
 
 def test_save_stats_is_atomic(tmp_path, monkeypatch):
   path = epath.Path(tmp_path) / 'ref.npz'
-  fid.save_stats(path, np.zeros(3), np.eye(3), 10)
+  feature_metrics.save_stats(path, np.zeros(3), np.eye(3), 10)
 
   def interrupted(self, data):  # a writer that dies half-way
     with open(self, 'wb') as f:
@@ -384,8 +390,8 @@ def test_save_stats_is_atomic(tmp_path, monkeypatch):
 
   monkeypatch.setattr(type(path), 'write_bytes', interrupted)
   with pytest.raises(OSError, match='disk full'):
-    fid.save_stats(path, np.ones(3), 2 * np.eye(3), 20)
-  mu, sigma, n = fid.load_stats(path)  # the old file, whole
+    feature_metrics.save_stats(path, np.ones(3), 2 * np.eye(3), 20)
+  mu, sigma, n = feature_metrics.load_stats(path)  # the old file, whole
   np.testing.assert_array_equal(mu, np.zeros(3))
   assert n == 10
   assert sorted(p.name for p in path.parent.iterdir()) == ['ref.npz']  # no temporary left over

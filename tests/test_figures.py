@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import diffusion, figures, models, parallel, sampling, train, train_state
+from diffusion_jax import diffusion, figures, models, train
+from diffusion_jax.run import Run
 
 from gaussian_reference import MU, S, optimal_eps_fn
 
@@ -50,8 +51,9 @@ def test_rate_distortion_total_is_the_bound_and_distortion_falls_to_the_decoders
 
 def test_make_figures_writes_every_figure(tiny_config, tmp_path):
   tiny_config.train.update(num_train_steps=2, checkpoint_every_steps=2)
-  train.train_and_evaluate(tiny_config, str(tmp_path))
-  paths = figures.make_figures(tiny_config, tmp_path, num_test=4)
+  run = Run.create(tiny_config, tmp_path)
+  train.train_and_evaluate(run)
+  paths = figures.make_figures(run, num_test=4)
   names = {'progressive', 'shared_latents', 'interpolation', 'ddim_interpolation'}
   assert names <= set(paths)
   for name in names:
@@ -65,13 +67,12 @@ def test_make_figures_writes_every_figure(tiny_config, tmp_path):
 
 def test_the_sample_config_picks_the_sampler_everywhere(tiny_config):
   """``sample.method``/``num_steps``/``eta`` select DDIM or respaced ancestral sampling."""
-  factory = train_state.StateFactory.from_config(tiny_config)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  params = factory.create(mesh).ema_params
-  d = diffusion.GaussianDiffusion.from_config(tiny_config.diffusion)
-  model_fn = models.model_fn(factory.model, params)
+  run = Run.create(tiny_config, devices=jax.devices()[:1])
+  params = run.initial_state().ema_params
+  d = run.process
+  model_fn = models.model_fn(run.model, params)
   key = jax.random.PRNGKey(5)
-  shape = (2, *factory.image_shape)
+  shape = (2, *run.image_shape)
   for method, num_steps, eta, direct in [
     ('ddim', 5, 0.0, lambda r: d.ddim_sample_loop(model_fn, shape, r, num_steps=5)),
     ('ddim', None, 1.0, lambda r: d.ddim_sample_loop(model_fn, shape, r, eta=1.0)),
@@ -79,14 +80,7 @@ def test_the_sample_config_picks_the_sampler_everywhere(tiny_config):
     ('ancestral', None, 0.0, lambda r: d.p_sample_loop(model_fn, shape, r)),
   ]:
     tiny_config.sample.update(method=method, num_steps=num_steps, eta=eta)
-    sample_fn = sampling.make_sample_fn(
-      factory.model,
-      d,
-      mesh,
-      image_shape=factory.image_shape,
-      num_samples=2,
-      **sampling.sampler_settings(tiny_config),
-    )
+    sample_fn = Run.create(tiny_config, devices=jax.devices()[:1]).sample_fn(2)
     np.testing.assert_allclose(
       sample_fn(params, key), jax.jit(direct)(jax.random.fold_in(key, 0)), atol=1e-5
     )

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import hardware, parallel, train_state, train_step
+from diffusion_jax import hardware, train_step
 from diffusion_jax.errors import SetupError
+from diffusion_jax.run import Run
 
 V3_CORE = types.SimpleNamespace(device_kind='TPU v3')
 CPU = types.SimpleNamespace(device_kind='cpu')
@@ -38,12 +38,9 @@ def test_mfu_and_throughput_metrics():
 
 
 def abstract_step(config, devices, batch: int):
-  mesh = parallel.make_mesh(devices)
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
-  images = factory.abstract_batch(mesh, batch)
-  return step, (factory.abstract(mesh), images), mesh, factory
+  run = Run.create(config, devices=devices)
+  step = train_step.make_train_step(run)
+  return step, (run.abstract_state(), run.abstract_batch(batch)), run
 
 
 def test_step_flops_count_the_global_batch_on_any_mesh(tiny_config):
@@ -51,16 +48,16 @@ def test_step_flops_count_the_global_batch_on_any_mesh(tiny_config):
   batch = tiny_config.train.batch_size
   counts = []
   for devices in (jax.devices(), jax.devices()[:1]):
-    step, args, mesh, factory = abstract_step(tiny_config, devices, batch)
-    counts.append(hardware.step_flops(step, *args, mesh=mesh))
+    step, args, run = abstract_step(tiny_config, devices, batch)
+    counts.append(hardware.step_flops(step, *args, mesh=run.mesh))
   # Each device also applies Adam and the EMA to the whole replicated state: on this tiny model
   # that is a few % more FLOPs on 8 devices (on the paper's U-Nets, under 0.1 %).
   assert counts[1] < counts[0] < 1.05 * counts[1]
   # Forward + backward is about 3 forward passes of the global batch (plain jit: global shapes).
-  x = jax.ShapeDtypeStruct((batch, *factory.image_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct((batch, *run.image_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  params = jax.eval_shape(factory.initial).params
-  forward = jax.jit(lambda p, x, t: factory.model.apply({'params': p}, x, t))
+  params = run.abstract_state().params
+  forward = jax.jit(lambda p, x, t: run.model.apply({'params': p}, x, t))
   ratio = counts[1] / hardware.step_flops(forward, params, x, t)
   assert 2.5 < ratio < 4, ratio
 

@@ -599,7 +599,10 @@ def test_a_log_copy_that_fails_is_reported_once_with_the_fix(laptop, worker):
     '.com does not have storage.objects.create access to the Google Cloud Storage object.',
   }
   start_training(laptop, worker, 'gs://b/run 1', env=env)
-  copies = lambda: [c for c in worker.calls() if c[:3] == ['gcloud', 'storage', 'cp']]
+
+  def copies():
+    return [c for c in worker.calls() if c[:3] == ['gcloud', 'storage', 'cp']]
+
   wait_for(lambda: len(copies()) >= 3)  # every second: all fail
   laptop.tpu('stop', '--grace', '20')
   worker.run(command_of(laptop.calls()[0]))
@@ -953,13 +956,14 @@ def test_watch_usage_errors_are_its_commands_own(laptop, args, message):
 def test_watch_brings_a_twice_preempted_run_to_the_end_of_an_uninterrupted_one(
   tmp_path, data_dir, request
 ):
-  """Issue 22's "done when": the real trainer on a fake spot TPU (single process, JAX on 2 CPU
-  devices), preempted twice mid-run (with a SIGTERM notice, then without), finishes with the
-  state of a run that nobody interrupted."""
+  """The real trainer on a fake spot TPU (single process, JAX on 2 CPU devices), preempted twice
+  mid-run (with a SIGTERM notice, then without), finishes with the state of a run that nobody
+  interrupted."""
   import chex
   import jax
 
-  from diffusion_jax import parallel, train_state
+  from diffusion_jax import train_state
+  from diffusion_jax.run import Run
 
   from conftest import load_config, run_main
 
@@ -981,7 +985,7 @@ def test_watch_brings_a_twice_preempted_run_to_the_end_of_an_uninterrupted_one(
     '--config.train.log_every_steps=4',
     '--config.train.checkpoint_every_steps=4',
     '--config.train.sample_every_steps=1000',  # none
-    '--config.eval.every_steps=0',
+    '--config.evals.digits.every_steps=0',
     '--nodistributed',  # after train's --distributed: one process, no cluster to join
   ]
   reference = run_main('--config=configs/digits.py:tiny', f'--workdir={tmp_path / "ref"}', *flags)
@@ -1017,7 +1021,7 @@ def test_watch_brings_a_twice_preempted_run_to_the_end_of_an_uninterrupted_one(
   resumed = int(re.search(r'Resumed from step (\d+)', train_log)[1])
   assert 24 <= resumed < steps  # the third VM went on from the second one's checkpoint
   config = load_config('digits.py:tiny', data_dir)
-  abstract = train_state.StateFactory.from_config(config).abstract(parallel.make_mesh())
+  abstract = Run.create(config).abstract_state()
   states = [train_state.restore_latest(w, abstract) for w in (tmp_path / 'ref', workdir)]
   trees = [jax.device_get((s.step, s.params, s.ema_params, s.opt_state, s.rng)) for s in states]
   assert int(trees[0][0]) == steps

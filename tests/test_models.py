@@ -10,6 +10,8 @@ import pytest
 
 from diffusion_jax.models import AttnBlock, Downsample, UNet, Upsample, get_timestep_embedding
 
+pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
+
 CIFAR10 = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
 LSUN256 = dict(
   ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,)

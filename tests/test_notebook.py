@@ -24,6 +24,8 @@ from diffusion_jax import accelerator
 from conftest import REPO
 from test_convert import small_config, small_config_json, source_weights, write_diffusers
 
+pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
+
 NOTEBOOK = REPO / 'notebooks' / 'colab_tpu.ipynb'
 KERNEL = 'diffusion_jax_test'
 

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import parallel, sampling, train, train_state
-from diffusion_jax.errors import SetupError
+from diffusion_jax import draw, train
+from diffusion_jax.errors import DivergedError, SetupError
+from diffusion_jax.run import Run
 
 from conftest import run_main, tiny_flags
 
@@ -19,8 +20,7 @@ def steps_in(workdir) -> list[int]:
 
 
 def latest_state(config, workdir):
-  factory = train_state.StateFactory.from_config(config)
-  return train_state.restore_latest(workdir, factory.abstract(parallel.make_mesh()))
+  return Run.create(config, workdir).restore_latest()
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_step_without_saving_it(
@@ -28,8 +28,8 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_without_saving_it(
 ):
   tiny_config.optim.update(learning_rate=1e6, warmup_steps=1, grad_clip=0.0)
   tiny_config.train.update(num_train_steps=8, checkpoint_every_steps=1, log_every_steps=4)
-  with pytest.raises(train.NonFiniteError, match=r'not finite from step (\d+) on') as error:
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+  with pytest.raises(DivergedError, match=r'not finite from step (\d+) on') as error:
+    train.train_and_evaluate(Run.create(tiny_config, tmp_path))
   first_bad = int(error.value.args[0].split('from step ')[1].split()[0])
   saved = steps_in(tmp_path)
   assert saved and max(saved) < first_bad  # the last good step is the latest checkpoint
@@ -43,14 +43,14 @@ def test_an_unreadable_latest_checkpoint_is_renamed_aside_and_the_previous_one_r
   tiny_config, tmp_path
 ):
   tiny_config.train.update(num_train_steps=3, checkpoint_every_steps=1)
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+  train.train_and_evaluate(Run.create(tiny_config, tmp_path))
   assert steps_in(tmp_path) == [1, 2, 3]
   metadata = tmp_path / 'checkpoints' / '3' / 'default' / '_METADATA'
   metadata.write_text(metadata.read_text()[:40])  # truncated, as a full disk leaves it
   previous = latest_state(tiny_config, tmp_path)  # --mode=sample and eval read the previous one
   assert int(previous.step) == 2
   tiny_config.train.num_train_steps = 4
-  resumed = train.train_and_evaluate(tiny_config, str(tmp_path))
+  resumed = train.train_and_evaluate(Run.create(tiny_config, tmp_path))
   assert int(resumed.step) == 4
   assert steps_in(tmp_path) == [2, 3, 4]  # resumed from 2: step 3 trained and saved anew
   aside = tmp_path / 'checkpoints' / '3.unreadable'
@@ -59,10 +59,10 @@ def test_an_unreadable_latest_checkpoint_is_renamed_aside_and_the_previous_one_r
 
 def test_no_readable_checkpoint_at_all_is_a_clear_error(tiny_config, tmp_path):
   tiny_config.train.update(num_train_steps=1, checkpoint_every_steps=1)
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+  train.train_and_evaluate(Run.create(tiny_config, tmp_path))
   (tmp_path / 'checkpoints' / '1' / 'default' / '_METADATA').write_text('{')
   with pytest.raises(SetupError, match=r'No checkpoint .* can be read \(tried steps \[1\]'):
-    sampling.sample_from_checkpoint(tiny_config, str(tmp_path), num_samples=2)
+    draw.sample_from_checkpoint(Run.create(tiny_config, tmp_path), num_samples=2)
 
 
 def test_leftovers_of_killed_saves_and_deletions_are_cleared_on_start(tiny_config, tmp_path):
@@ -72,26 +72,26 @@ def test_leftovers_of_killed_saves_and_deletions_are_cleared_on_start(tiny_confi
   (stale / 'default' / 'half_written').write_bytes(b'\0' * 10)
   half_deleted = tmp_path / 'checkpoints' / '0'  # what a kill during Orbax's deletion leaves
   (half_deleted / 'default').mkdir(parents=True)
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+  train.train_and_evaluate(Run.create(tiny_config, tmp_path))
   assert not stale.exists() and steps_in(tmp_path) == [1]
   assert (tmp_path / 'checkpoints' / '0.incomplete' / 'default').is_dir()  # moved, not deleted
 
 
 def test_a_retention_deletion_cut_short_is_finished_on_start(tiny_config, tmp_path):
   tiny_config.train.update(num_train_steps=3, checkpoint_every_steps=1, keep_checkpoints=2)
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+  train.train_and_evaluate(Run.create(tiny_config, tmp_path))
   assert steps_in(tmp_path) == [2, 3]
   half_deleted = tmp_path / 'checkpoints' / '1'  # Orbax deletes 1 only once 2 and 3 are complete
   (half_deleted / 'default').mkdir(parents=True)
   tiny_config.train.num_train_steps = 4
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+  train.train_and_evaluate(Run.create(tiny_config, tmp_path))
   assert steps_in(tmp_path) == [3, 4]
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['3', '4']
 
 
 def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_config, tmp_path):
   tiny_config.train.update(num_train_steps=1, checkpoint_every_steps=1)
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+  train.train_and_evaluate(Run.create(tiny_config, tmp_path))
   wider = tiny_config.copy_and_resolve_references()
   wider.model.ch = 64
   with pytest.raises(SetupError, match='holds another model than the config describes'):

@@ -7,6 +7,8 @@ import pytest
 
 from diffusion_jax import rngs
 
+pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
+
 
 def test_no_stream_of_one_seed_is_a_stream_of_another():
   keys = {

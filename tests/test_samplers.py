@@ -24,6 +24,8 @@ from gaussian_reference import (
   sampler_moments,
 )
 
+pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
+
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T, dtype=np.float64)
 AC = np.cumprod(1 - BETAS)

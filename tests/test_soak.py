@@ -18,7 +18,8 @@ import jax
 import pytest
 import tensorflow as tf
 
-from diffusion_jax import parallel, train_state
+from diffusion_jax import run as run_lib
+from diffusion_jax import train_state
 
 from conftest import load_config, run_main
 
@@ -43,7 +44,7 @@ def cli_flags(data_dir: str, workdir) -> list[str]:
     '--config.train.checkpoint_every_steps=1',
     '--config.train.keep_checkpoints=3',
     f'--config.train.sample_every_steps={NUM_STEPS}',
-    '--config.eval.every_steps=0',
+    '--config.evals.digits.every_steps=0',
     '--verbosity=0',  # Orbax's INFO lines ('Saving checkpoint at step N') time the kills
   ]
 
@@ -272,7 +273,7 @@ def test_sigkill_at_20_random_moments_loses_nothing(data_dir, tmp_path):
   # The same checkpoints, state (bit for bit), losses and sample grid as the uninterrupted run.
   assert listing(ckpt_dir) == listing(reference / 'checkpoints')
   config = load_config('digits.py:tiny', data_dir)
-  abstract = train_state.StateFactory.from_config(config).abstract(parallel.make_mesh())
+  abstract = run_lib.Run.create(config).abstract_state()
   states = [train_state.restore_latest(w, abstract) for w in (reference, soak)]
   trees = [jax.device_get((s.step, s.params, s.ema_params, s.opt_state, s.rng)) for s in states]
   assert int(trees[0][0]) == NUM_STEPS

@@ -2,20 +2,20 @@
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import chex
 import jax
 import numpy as np
 import optax
+import pytest
 
-from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import parallel, train_state, train_step
+from diffusion_jax.run import Run
 
 from conftest import REPO, load_config
+
+pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
 
 # Written by the first layout (before train_state.py existed): a tiny digits U-Net after one
 # train step on 2 devices, saved as step 1, with a SHA-256 of every leaf of the saved state.
@@ -42,44 +42,38 @@ def leaf_digests(state) -> dict[str, dict]:
   }
 
 
-def test_checkpoint_of_the_first_layout_restores_bit_for_bit(tmp_path):
+def restore_old_checkpoint(tmp_path) -> train_state.TrainState:
   workdir = tmp_path / 'run'
   shutil.copytree(OLD_CHECKPOINT, workdir)
-  factory = train_state.StateFactory.from_config(old_layout_config())
-  state = train_state.restore_latest(workdir, factory.abstract(parallel.make_mesh()))
+  return Run.create(old_layout_config(), workdir).restore_latest()
+
+
+def test_checkpoint_of_the_first_layout_restores_bit_for_bit(tmp_path):
+  state = restore_old_checkpoint(tmp_path)
   expected = json.loads((OLD_CHECKPOINT / 'state_leaves.json').read_text())
   assert int(state.step) == 1
   assert leaf_digests(state) == expected  # the same tree paths, shapes, dtypes and bytes
 
 
-def one_step_digests() -> dict[str, dict]:
-  """Leaf digests of the state after OLD_CHECKPOINT's train step, computed by this layout."""
+def test_one_step_of_this_layout_reproduces_the_first_layouts_state(tmp_path):
+  """Init, per-example draws, per-device clipping, Adam and EMA are unchanged: the first layout's
+  train step, on its 2 devices and batch, gives its checkpoint. The init and the step's draws
+  are bit for bit; the gradient sums only to float32 rounding, whose order XLA:CPU chooses by
+  CPU and release (a checkpoint written elsewhere differs in the last bits of Adam's moments)."""
   config = old_layout_config()
-  mesh = parallel.make_mesh(jax.devices()[:2])
-  factory = train_state.StateFactory.from_config(config)
-  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  step = train_step.make_train_step(config.optim, factory.model, diffusion, mesh)
+  run = Run.create(config, devices=jax.devices()[:2])
+  step = train_step.make_train_step(run)
   images = np.random.default_rng(0).uniform(-1, 1, (1, 8, 8, 8, 1)).astype(np.float32)
   # The first layout drew the train stream from PRNGKey(seed); today's streams fold the name in.
-  initial = factory.create(mesh).replace(rng=jax.random.PRNGKey(config.seed))
-  state, _ = step(initial, parallel.shard_steps(mesh, images))
-  return leaf_digests(state)
-
-
-def test_one_step_of_this_layout_reproduces_the_first_layouts_state():
-  """Init, per-example draws, per-device clipping, Adam and EMA are unchanged, bit for bit.
-
-  Run as the checkpoint was written, in a process of 2 CPU devices: XLA:CPU may sum a gradient
-  in another order when the host is split into more devices.
-  """
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  code = 'import json, test_train_state as t; print(json.dumps(t.one_step_digests()))'
-  out = subprocess.run(
-    [sys.executable, '-c', code], cwd=REPO / 'tests', env=env, capture_output=True, text=True
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  expected = json.loads((OLD_CHECKPOINT / 'state_leaves.json').read_text())
-  assert json.loads(out.stdout.splitlines()[-1]) == expected
+  initial = run.initial_state().replace(rng=jax.random.PRNGKey(config.seed))
+  state, _ = step(initial, parallel.shard_steps(run.mesh, images))
+  old = restore_old_checkpoint(tmp_path)
+  state, old = jax.device_get((state, old))
+  assert int(state.step) == int(old.step) == 1
+  np.testing.assert_array_equal(state.rng, old.rng)
+  chex.assert_trees_all_equal(state.params, old.params)  # lr is 0 at the first step (warm-up)
+  chex.assert_trees_all_equal(state.ema_params, old.ema_params)
+  chex.assert_trees_all_close(state.opt_state, old.opt_state, rtol=1e-4, atol=1e-9)
 
 
 def test_create_copies_params_into_the_ema_and_starts_at_step_0():
@@ -106,8 +100,7 @@ def test_apply_gradients_steps_the_optimizer_then_the_ema():
 
 
 def test_the_optimizer_and_ema_decay_are_not_part_of_the_checkpointed_tree():
-  factory = train_state.StateFactory.from_config(old_layout_config())
-  abstract = factory.abstract(parallel.make_mesh())
+  abstract = Run.create(old_layout_config()).abstract_state()
   tops = {
     jax.tree_util.keystr(path[:1]) for path, _ in jax.tree_util.tree_leaves_with_path(abstract)
   }

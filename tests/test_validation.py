@@ -7,10 +7,13 @@ import logging
 
 import pytest
 
-from diffusion_jax import convert, train_state, validation, workdir_config
+from diffusion_jax import convert, validation, workdir_config
 from diffusion_jax.errors import SetupError
+from diffusion_jax.run import Run
 
 from conftest import REPO, load_config
+
+pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
 
 
 def problems_of(config, mode: str = 'train') -> str:
@@ -29,7 +32,7 @@ def test_every_config_file_is_valid(name):
   config = load_config(name)
   for mode in ('train', 'sample'):
     assert problems_of(config, mode) == ''
-  if config.eval.metrics == 'digits':  # the others need the FID Inception weights to evaluate
+  if 'fid' not in config.evals:  # FID needs the Inception weights to evaluate
     assert problems_of(config, 'eval') == ''
 
 
@@ -44,11 +47,12 @@ def test_every_config_file_is_valid(name):
     ('train.keep_checkpoints', 0, 'an integer >= 1'),
     ('train.batch_size', 0, 'an integer >= 1'),
     ('train.num_sample_images', 0, 'an integer >= 1'),
-    ('eval.every_steps', -1, 'an integer >= 0'),
-    ('eval.batch_size', 0, 'an integer >= 1'),
-    ('eval.num_samples', 0, 'an integer >= 1'),
-    ('eval.in_loop_num_samples', 0, 'an integer >= 1'),
-    ('eval.nll_num_examples', 0, 'None or an integer >= 1'),
+    ('evals.digits.every_steps', -1, 'an integer >= 0'),
+    ('evals.digits.batch_size', 0, 'an integer >= 1'),
+    ('evals.digits.num_samples', 0, 'an integer >= 1'),
+    ('evals.digits.in_loop_num_samples', 0, 'an integer >= 1'),
+    ('evals.bpd.num_examples', 0, 'None or an integer >= 1'),
+    ('evals.bpd.every_steps', -1, 'an integer >= 0'),
     ('dataset.image_size', 0, 'an integer >= 1'),
     ('dataset.num_channels', 0, 'an integer >= 1'),
     ('dataset.shuffle_buffer_size', 0, 'an integer >= 1'),
@@ -69,9 +73,12 @@ def test_every_config_file_is_valid(name):
 )
 def test_out_of_range_fields_name_the_value_and_the_fix(field, value, bound):
   config = load_config('digits.py:tiny')
-  section, _, name = field.rpartition('.')
-  (config[section] if section else config)[name] = value
-  message = problems_of(config)
+  *sections, name = field.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  node[name] = value
+  message = problems_of(config, 'eval' if field.startswith('evals.') else 'train')
   assert f'{field}={value!r} must be {bound}: it is ' in message
   assert f'set --config.{field}=' in message
 
@@ -84,14 +91,18 @@ def test_out_of_range_fields_name_the_value_and_the_fix(field, value, bound):
     ('diffusion.model_var_type', 'large', 'fixedlarge'),
     ('diffusion.loss_type', 'l2', 'mse'),
     ('optim.grad_clip_mode', 'device', 'per_device'),
-    ('eval.metrics', 'fid', 'inception'),
+    ('sample.method', 'ddpm', 'ddim'),
+    ('evals.digits.type', 'digit', 'digits'),
   ],
 )
 def test_unknown_choices_list_the_choices(field, value, suggestion):
   config = load_config('digits.py:tiny')
-  section, name = field.split('.')
-  config[section][name] = value
-  message = problems_of(config, 'eval' if field == 'eval.metrics' else 'train')
+  *sections, name = field.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  node[name] = value
+  message = problems_of(config, 'eval' if field.startswith('evals.') else 'train')
   assert f'{field}={value!r} is not one of ' in message
   assert f'set --config.{field}={suggestion}.' in message
 
@@ -109,7 +120,7 @@ def test_model_dtype_must_be_a_float_type():
   [
     (dict(ch=48), 'model.ch=48 must be a positive multiple of 32'),
     (dict(ch=16, ch_mult=(2, 4)), 'set --config.model.ch=32'),
-    (dict(ch_mult=(1, 2, 2, 2, 2)), 'dataset.image_size=8 is not divisible by 16'),
+    (dict(ch_mult=(1, 2, 2, 2, 2)), 'the image size 8 is not divisible by 16'),
     (dict(ch_mult=(1, 2, 2, 2, 2)), 'use at most 4 levels for 8x8 images'),
     (dict(ch_mult=()), 'model.ch_mult=() must list a positive integer per level'),
     (dict(attn_resolutions=(3,)), '3 is not a feature-map size of this U-Net'),
@@ -163,7 +174,6 @@ def test_betas_are_checked_for_the_schedules_that_use_them(schedule, beta_start,
 def test_unknown_data_sets(name, expected):
   config = load_config('digits.py:tiny')
   config.dataset.name = name
-  config.eval.metrics = 'inception'  # the digits metric wants the digits
   message = problems_of(config)
   assert f'dataset.name={name!r}' in message and expected in message
 
@@ -171,7 +181,6 @@ def test_unknown_data_sets(name, expected):
 def test_a_data_set_prepared_by_an_unregistered_builder_is_accepted(tmp_path):
   config = load_config('digits.py:tiny', str(tmp_path))
   config.dataset.name = 'my_own_images'
-  config.eval.metrics = 'inception'
   assert 'my_own_images' in problems_of(config)
   (tmp_path / 'my_own_images').mkdir()
   assert problems_of(config) == ''
@@ -203,9 +212,25 @@ def test_train_and_eval_checks_run_only_where_they_apply():
   assert problems_of(config, 'sample') == ''
   config = load_config('cifar10.py')  # the inception metric without its weights
   assert problems_of(config, 'train') == '' and problems_of(config, 'sample') == ''
-  assert 'config.eval.inception_path is not set' in problems_of(config, 'eval')
-  config.eval.every_steps = 1000
-  assert 'config.eval.inception_path is not set' in problems_of(config, 'train')
+  assert 'evals.fid.inception_path is not set' in problems_of(config, 'eval')
+  config.evals.fid.every_steps = 1000  # in the loop: checked before training
+  assert 'evals.fid.inception_path is not set' in problems_of(config, 'train')
+  digits = load_config('digits.py:tiny')
+  digits.dataset.name = 'cifar10'
+  assert 'evals.digits.type="digits" scores only' in problems_of(digits, 'eval')
+
+
+def test_evaluator_periods_must_be_multiples_of_steps_per_call():
+  config = load_config('digits.py:tiny')
+  config.train.update(steps_per_call=2)
+  config.evals.digits.every_steps = 3
+  assert 'evals.digits.every_steps=3 must be a multiple of' in problems_of(config)
+
+
+def test_two_evaluators_of_one_type_are_refused():
+  config = load_config('digits.py:tiny')
+  config.evals.more = config.evals.digits.copy_and_resolve_references()
+  assert "evals.more and evals.digits are both of type 'digits'" in problems_of(config, 'eval')
 
 
 def test_steps_per_call_must_divide_the_periods():
@@ -216,16 +241,14 @@ def test_steps_per_call_must_divide_the_periods():
   assert 'train.log_every_steps=2 must be a multiple' in message
 
 
-def test_check_train_and_check_eval_keep_working():
+def test_check_train_and_too_few_samples():
   config = load_config('digits.py:tiny')
   config.train.update(num_train_steps=5, steps_per_call=2)
   with pytest.raises(SetupError, match='multiple of train.steps_per_call'):
     validation.check_train(config)
   config = load_config('digits.py:tiny')
-  config.eval.num_samples = 1
-  with pytest.raises(SetupError, match='eval.num_samples=1 is too small'):
-    validation.check_eval(config)
-  validation.check_eval(load_config('digits.py:tiny'))
+  config.evals.digits.num_samples = 1
+  assert 'evals.digits.num_samples=1 is too small' in problems_of(config, 'eval')
 
 
 # ----------------------------------------------------------------------------- workdir_config
@@ -246,7 +269,7 @@ def test_model_changes_are_errors_and_the_rest_is_logged(tmp_path, caplog):
   config.model.update(ch=64, ch_mult=(1, 2, 2))
   config.dataset.image_size = 16
   config.train.num_train_steps = 10
-  config.eval.num_samples = 100
+  config.evals.digits.num_samples = 100
   with pytest.raises(SetupError) as error:
     workdir_config.check(config, tmp_path, allow_change=False)
   message = str(error.value)
@@ -264,7 +287,9 @@ def test_model_changes_are_errors_and_the_rest_is_logged(tmp_path, caplog):
   with caplog.at_level(logging.INFO):
     workdir_config.check(config, tmp_path, allow_change=True)
   logged = caplog.text
-  assert f'eval.num_samples: 500 -> 100; train.num_train_steps: {trained_steps} -> 10' in logged
+  assert f'evals.digits.num_samples: 500 -> 100; train.num_train_steps: {trained_steps} -> 10' in (
+    logged
+  )
   assert 'As --allow_config_change allows' in logged and 'model.ch: the run' in logged
 
 
@@ -278,7 +303,7 @@ def test_an_unreadable_config_json(tmp_path):
 
 def test_a_converted_run_records_its_config(tmp_path):
   config = load_config('digits.py:tiny')
-  params = train_state.StateFactory.from_config(config).initial().params
+  params = Run.create(config).initial_state().params
   convert.write_checkpoint(tmp_path, config, params, params, step=0)
   workdir_config.check(config, tmp_path, allow_change=False)
   config.diffusion.num_diffusion_timesteps = 10

@@ -45,6 +45,64 @@ Report = Callable[[str], None]
 CELEBAHQ_IMAGES = 30_000
 
 
+# Raw files that TFDS cannot download itself, by builder name; ``{...}`` is filled per builder.
+_MANUAL_STEPS = {
+  'lsun_lmdb': (
+    'Not with that command: LSUN is prepared offline from the LMDB zips of its release. Run\n'
+    '  python -m diffusion_jax.datasets.prepare --dataset=lsun_lmdb/{config} '
+    '--data_dir={data_dir}\n'
+    'It names the files it needs and where to download them (http://dl.yf.io/lsun/, or\n'
+    '`python download.py -c {config}` of https://github.com/fyu/lsun for scene categories),\n'
+    'reads them, zipped or unzipped, from {manual_dir}\n'
+    '(or from --manual_dir=FOLDER, a local folder) and prints the flags to train with.\n'
+    'Step by step: docs/datasets.md.'
+  ),
+  'lsun': (
+    "Not with that command: TFDS's lsun builder reads LMDB with tensorflow-io, which does not\n"
+    'load with the pinned TensorFlow. Use --config.dataset.name=lsun_lmdb/{config} instead and\n'
+    'prepare it offline from the LSUN LMDB zips with\n'
+    '  python -m diffusion_jax.datasets.prepare --dataset=lsun_lmdb/{config} '
+    '--data_dir={data_dir}\n'
+    'Step by step: docs/datasets.md.'
+  ),
+  'celeb_a_hq': (
+    'Not with that command: CelebA-HQ cannot be downloaded. Create it from CelebA (img_celeba.7z,\n'
+    "list_landmarks_celeba.txt) and the CelebA-HQ delta files with progressive_growing_of_gans'\n"
+    '`dataset_tool.py create_celebahq`, then run\n'
+    '  python -m diffusion_jax.datasets.prepare --dataset=celeb_a_hq/{config} '
+    '--data_dir={data_dir} --manual_dir=FOLDER\n'
+    'where FOLDER holds its celebahq-rNN.tfrecords (r08 for 256x256) or a tar\n'
+    'data{config}x{config}.tar of the 30,000 {config}x{config} PNGs.\n'
+    'Step by step: docs/datasets.md.'
+  ),
+}
+
+
+def instructions(builder: tfds.core.DatasetBuilder) -> str:
+  """Returns how to prepare ``builder``'s dataset in its data dir, with manual steps if needed."""
+  name = builder.info.full_name.rsplit('/', 1)[0]  # 'lsun/bedroom', without the version
+  data_dir = builder.data_dir_root
+  command = (
+    'python -c "import tensorflow_datasets as tfds; '
+    f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\""
+  )
+  message = (
+    f"Dataset '{name}' is not prepared in {data_dir} (expected {builder.data_dir}).\n"
+    f'Prepare it on a machine with internet access (the `tfds build` CLI of this stack\n'
+    f'needs apache_beam):\n  {command}\n'
+    'or re-run training with --config.dataset.download=True on a machine with internet '
+    'access.'
+  )
+  if builder.name in _MANUAL_STEPS:
+    steps = _MANUAL_STEPS[builder.name].format(
+      config=builder.builder_config.name,
+      data_dir=data_dir,
+      manual_dir=builder.data_dir_root / 'downloads' / 'manual',
+    )
+    message += f'\nManual steps:\n{steps}'
+  return message
+
+
 def _say(message: str) -> None:
   print(message, flush=True)
 

@@ -202,12 +202,12 @@ def problems(
 ) -> Problems:
   """Ranges, and a split to compute the bound on."""
   field = f'evals.{name}'
-  found = config_rules.range_problems(
-    ml_collections.ConfigDict({'evals': {name: settings}}),
+  found = config_rules.evaluator_range_problems(
+    name,
+    settings,
     [
-      (f'{field}.every_steps', 'non-negative count', 'the period in the train loop, 0 = off'),
-      (f'{field}.batch_size', 'count', 'the global batch of images'),
-      (f'{field}.num_examples', 'optional count', 'the examples of the bound (None: the split)'),
+      ('batch_size', 'count', 'the global batch of images'),
+      ('num_examples', 'optional count', 'the examples of the bound (None: the split)'),
     ],
   )
   if split_of(settings, config) is None:

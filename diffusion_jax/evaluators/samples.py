@@ -47,14 +47,14 @@ def reference_split(settings: ml_collections.ConfigDict) -> str:
 def problems(name: str, settings: ml_collections.ConfigDict, *, minimum: int) -> Problems:
   """The shared settings' rules; a metric needs at least ``minimum`` samples."""
   field = f'evals.{name}'
-  found = config_rules.range_problems(
-    ml_collections.ConfigDict({'evals': {name: settings}}),
+  found = config_rules.evaluator_range_problems(
+    name,
+    settings,
     [
-      (f'{field}.every_steps', 'non-negative count', 'the period in the train loop, 0 = off'),
-      (f'{field}.num_samples', 'count', 'the number of samples --mode=eval scores'),
-      (f'{field}.in_loop_num_samples', 'count', 'the samples an in-loop evaluation scores'),
-      (f'{field}.batch_size', 'count', 'the global samples per sampling call'),
-      (f'{field}.reference_num_examples', 'optional count', 'the reference images (None: all)'),
+      ('num_samples', 'count', 'the number of samples --mode=eval scores'),
+      ('in_loop_num_samples', 'count', 'the samples an in-loop evaluation scores'),
+      ('batch_size', 'count', 'the global samples per sampling call'),
+      ('reference_num_examples', 'optional count', 'the reference images (None: all)'),
     ],
   )
   for count in ('num_samples', 'in_loop_num_samples'):

@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.sample_every_steps = 50_000
   config.train.num_sample_images = 64  # the sample grid
+  # Trace this many optimizer steps (from the second of each process on) into the workdir for
+  # TensorBoard's profile plugin (docs/cloud_tpu.md); 0: no trace.
+  config.train.profile_steps = 0
   # Deprecated: sample.clip_denoised (None: not set; a value is moved there with a warning).
   config.train.clip_denoised = ml_collections.config_dict.placeholder(bool)
 

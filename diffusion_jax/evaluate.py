@@ -55,7 +55,7 @@ def evaluate_checkpoint(run: run_lib.Run, *, config_name: str | None = None) -> 
   ``digits/samples.png``, ``bpd/nll_terms.csv``) and ``eval/*`` scalars; returns the report."""
   train_state.latest_step(run.workdir)  # a checkpoint to evaluate, before anything is built
   evaluators = build(run, in_loop=False)
-  state = run.restore_latest()
+  state = run.restore_latest()  # Orbax warns once more that the folder is read only: true
   step = int(state.step)
   results = {
     name: ev(state.ema_params, evaluator_key(run, name)) for name, ev in evaluators.items()

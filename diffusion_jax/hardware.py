@@ -145,3 +145,40 @@ def check_fits(compiled: jax.stages.Compiled, device: jax.Device, *, what: str, 
       f'program), more than the {limit / GiB:.2f} GiB JAX has on each {device.device_kind}: it '
       f'would fail with RESOURCE_EXHAUSTED. {fix}'
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+  """A Cloud TPU accelerator type as XLA:TPU compiles for it without the hardware:
+  ``jax.experimental.topologies.get_topology_desc(topology, platform='tpu', **kwargs)``."""
+
+  topology: str  # e.g. 'v4:2x2x2'
+  chips_per_host: tuple[int, int, int]  # the chips of one host (VM) along the topology
+  megacore: bool = False  # v4, v5p: both cores of a chip as one JAX device
+
+  def topology_kwargs(self) -> dict[str, Any]:
+    return dict(
+      chip_config_name='megacore' if self.megacore else 'default',
+      chips_per_host_bounds=self.chips_per_host,
+    )
+
+
+# Accelerator type (gcloud's --accelerator-type; GKE's for TPU7x) -> how to compile for it.
+TPU_SLICES = {
+  'v2-8': TpuSlice('v2:2x2', (2, 2, 1)),
+  'v3-8': TpuSlice('v3:2x2', (2, 2, 1)),
+  'v3-32': TpuSlice('v3:4x4', (2, 2, 1)),
+  'v4-8': TpuSlice('v4:2x2x1', (2, 2, 1), megacore=True),
+  'v4-16': TpuSlice('v4:2x2x2', (2, 2, 1), megacore=True),
+  'v4-32': TpuSlice('v4:2x2x4', (2, 2, 1), megacore=True),
+  'v5litepod-1': TpuSlice('v5e:1x1', (1, 1, 1)),
+  'v5litepod-4': TpuSlice('v5e:2x2', (2, 2, 1)),
+  'v5litepod-8': TpuSlice('v5e:2x4', (2, 4, 1)),
+  'v5litepod-16': TpuSlice('v5e:4x4', (2, 2, 1)),
+  'v5p-8': TpuSlice('v5:2x2x1', (2, 2, 1), megacore=True),
+  'v5p-16': TpuSlice('v5:2x2x2', (2, 2, 1), megacore=True),
+  'v6e-8': TpuSlice('v6e:2x4', (2, 4, 1)),
+  'v6e-16': TpuSlice('v6e:4x4', (2, 2, 1)),
+  'tpu7x-8': TpuSlice('tpu7x:2x2x1', (2, 2, 1)),
+  'tpu7x-16': TpuSlice('tpu7x:2x2x2', (2, 2, 1)),
+}

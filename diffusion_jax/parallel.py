@@ -49,3 +49,13 @@ def gather(x: jax.Array) -> np.ndarray:
 def host_value(x: jax.Array) -> np.ndarray:
   """A replicated array's value, read from this host's first copy."""
   return np.asarray(x.addressable_data(0))
+
+
+def abstract_rows(mesh: Mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+  """Shape, dtype and sharding of a global array split on its leading axis (``shard_rows``)."""
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def abstract_replicated(mesh: Mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+  """Shape, dtype and sharding of a value every device holds whole."""
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(mesh))

@@ -79,6 +79,11 @@ class Run:
     """Shapes, dtypes and shardings of the state, for restoring and compiling without data."""
     return self.state_factory.abstract(self.mesh)
 
+  def abstract_key(self) -> jax.ShapeDtypeStruct:
+    """A stream key's shape, dtype and (replicated) sharding."""
+    key = jax.eval_shape(lambda: self.key('train'))
+    return parallel.abstract_replicated(self.mesh, key.shape, key.dtype)
+
   def abstract_batch(self, batch_size: int, steps_per_call: int = 1) -> jax.ShapeDtypeStruct:
     """Shape, dtype and sharding of the train step's images [steps_per_call, batch_size, ...]."""
     return self.state_factory.abstract_batch(self.mesh, batch_size, steps_per_call)

@@ -104,10 +104,20 @@ def _train(run: run_lib.Run, manager: ocp.CheckpointManager, state: TrainState) 
   flops = hardware.lowered_flops(lowered, mesh=run.mesh) / k  # one trace: counted, then compiled
   step_fn = lowered.compile()
   what = f'The train step at train.batch_size={config.train.batch_size}'
-  hardware.check_fits(step_fn, run.mesh.devices.flat[0], what=what, fix=_MEMORY_FIX)
+  hardware.check_fits(step_fn, jax.local_devices()[0], what=what, fix=_MEMORY_FIX)
   metric_log = hooks.MetricLog(
     writer, num_steps=num_steps, start_step=start_step, flops_per_step=flops
   )
+  progress = [report_progress]
+  if config.train.profile_steps:
+    profile = periodic_actions.Profile(
+      logdir=run.workdir,
+      num_profile_steps=config.train.profile_steps,
+      profile_duration_ms=None,
+      first_profile=start_step + 1,
+      every_secs=None,
+    )
+    progress.append(profile)
   periodic = [hooks.sample_grid(run, writer, report_progress)]
   periodic += hooks.evaluations(run, writer, report_progress)
   preemption = runtime.Preemption()
@@ -133,10 +143,11 @@ def _train(run: run_lib.Run, manager: ocp.CheckpointManager, state: TrainState) 
             _check_finite(running, manager)
             train_state.save(manager, state, step=step, force=True)
           break
-        for each_step in range(step - k + 1, step + 1):  # CLU's progress wants every step
-          report_progress(each_step)
+        for each_step in range(step - k + 1, step + 1):  # CLU's actions want every step
+          for action in progress:
+            action(each_step)
         if log:
-          values = running.compute()
+          values = jax.tree.map(parallel.host_value, running.compute())  # replicated
           del values['first_nonfinite_step']  # checked above, at every boundary
           metric_log(step, values)
           running = train_step.empty_metrics(run.mesh)
@@ -162,7 +173,7 @@ def _check_finite(running: train_step.TrainMetrics, manager: ocp.CheckpointManag
 
   ``running`` holds the steps since the last log; every log is a boundary checked before the
   metrics are reset, so the earlier steps were all checked."""
-  first = int(running.first_nonfinite_step.compute())
+  first = int(parallel.host_value(running.first_nonfinite_step.compute()))
   if first != train_step.NO_STEP:
     raise DivergedError(
       f'Training diverged: the loss or the gradients are not finite from step {first} on. '

@@ -290,6 +290,25 @@ def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
 def latest_step(workdir: epath.PathLike) -> int:
   """The step of the latest complete checkpoint in ``workdir``, or a SetupError saying what to
   do (nothing is read but the folder listing)."""
+  manager = _read_only_manager(workdir)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def restore_latest(workdir: epath.PathLike, abstract_state: TrainState) -> TrainState:
+  """The latest complete checkpoint in ``workdir``, or a SetupError saying what to do."""
+  manager = _read_only_manager(workdir)
+  try:
+    return restore(manager, abstract_state)
+  finally:
+    manager.close()
+
+
+def _read_only_manager(workdir: epath.PathLike) -> ocp.CheckpointManager:
+  """A read-only manager of ``workdir``'s checkpoints, or a SetupError if there is no complete
+  one."""
   workdir = resolve_workdir(workdir)
   if not (workdir / 'checkpoints').exists():
     raise SetupError(
@@ -297,20 +316,7 @@ def latest_step(workdir: epath.PathLike) -> int:
       '--workdir, or point --workdir at a run.'
     )
   manager = checkpoint_manager(workdir, read_only=True)
-  try:
-    step = manager.latest_step()
-  finally:
+  if manager.latest_step() is None:
     manager.close()
-  if step is None:
     raise SetupError(f'No complete checkpoint in {workdir / "checkpoints"}.')
-  return step
-
-
-def restore_latest(workdir: epath.PathLike, abstract_state: TrainState) -> TrainState:
-  """The latest complete checkpoint in ``workdir``, or a SetupError saying what to do."""
-  latest_step(workdir)
-  manager = checkpoint_manager(workdir, read_only=True)
-  try:
-    return restore(manager, abstract_state)
-  finally:
-    manager.close()
+  return manager

@@ -154,3 +154,13 @@ def empty_metrics(mesh: Mesh) -> TrainMetrics:
   """Empty train metrics on ``mesh`` (replicated): the start of a run of ``step(state, images,
   running)`` calls, which merge each call's metrics into ``running`` inside the step."""
   return jax.jit(TrainMetrics.empty, out_shardings=parallel.replicated(mesh))()
+
+
+def abstract_metrics(mesh: Mesh) -> TrainMetrics:
+  """Shapes, dtypes and (replicated) shardings of ``empty_metrics``: the step's ``running``
+  argument for compiling without devices (a TPU topology)."""
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+    jax.eval_shape(TrainMetrics.empty),
+  )

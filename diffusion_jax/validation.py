@@ -32,6 +32,7 @@ _RANGES = (
   ('train.keep_checkpoints', 'count', 'how many checkpoints are kept (0 would delete each one)'),
   ('train.batch_size', 'count', 'the global batch size'),
   ('train.num_sample_images', 'count', 'the number of images in a sample grid'),
+  ('train.profile_steps', 'non-negative count', 'the steps traced for the profiler, 0 = none'),
   ('dataset.image_size', 'count', 'the side of the square images'),
   ('dataset.num_channels', 'count', 'the channels of the images'),
   ('dataset.shuffle_buffer_size', 'count', 'the number of examples the input shuffles'),

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import draw, train
+from diffusion_jax import draw, errors, train
 from diffusion_jax.errors import DivergedError, SetupError
 from diffusion_jax.run import Run
 
@@ -103,9 +103,11 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tiny_config, tmp_path):
 
 @pytest.mark.slow
 def test_a_diverging_run_through_the_cli_is_one_clear_error(data_dir, tmp_path):
+  """With its own exit status (3), not a setting's (2): scripts and the TPU watcher tell them
+  apart."""
   flags = tiny_flags(data_dir, tmp_path / 'run', 8)
   proc = run_main(*flags, '--config.optim.learning_rate=1e6', '--config.optim.grad_clip=0')
   out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 2, out[-3000:]
+  assert proc.returncode == errors.DIVERGED_EXIT_STATUS == 3, out[-3000:]
   assert 'error: Training diverged: the loss or the gradients are not finite from step' in out
   assert 'Traceback' not in out and 'Lower --config.optim.learning_rate' in out

@@ -204,3 +204,20 @@ def test_mfu_is_logged_where_the_device_peak_is_known(tiny_config, tmp_path, mon
   for step, value in mfu.items():
     assert value == pytest.approx(rate[step] / (1e12 * jax.device_count()))
     assert 0 < value < 1
+
+
+def test_a_step_too_big_for_the_device_stops_before_it_runs(tiny_config, tmp_path, monkeypatch):
+  """On a TPU, JAX reports the device's memory: a step that needs more stops with the fix."""
+  monkeypatch.setattr(hardware, 'device_bytes_limit', lambda device: 1024)
+  with pytest.raises(
+    SetupError, match=r'train step at train.batch_size=16 needs .* GiB per device'
+  ):
+    train.train_and_evaluate(Run.create(tiny_config, tmp_path))
+  assert not list((tmp_path / 'checkpoints').iterdir())  # not a single step ran
+
+
+def test_profile_steps_write_a_trace_tensorboard_reads(tiny_config, tmp_path):
+  tiny_config.train.profile_steps = 2
+  train.train_and_evaluate(Run.create(tiny_config, tmp_path))
+  traces = list((tmp_path / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0

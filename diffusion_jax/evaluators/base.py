@@ -3,9 +3,10 @@
 A type is a module of ``diffusion_jax.evaluators`` listed in ``registry.TYPES``, with
 ``LABELS`` (metric name -> what the console calls it; its scalars are ``eval/<metric>``),
 ``problems(name, settings, config)`` (what keeps its settings from running, as config problems
-keyed by field) and ``create(name, settings, run, *, in_loop)`` (the evaluator, its networks and
-reference statistics loaded). An evaluator is called with EMA params and its key and returns a
-``Result``.
+keyed by field), ``create(name, settings, run, *, in_loop)`` (the evaluator, its networks and
+reference statistics loaded) and ``programs(settings, run)`` (the device programs it runs, with
+abstract arguments: what a TPU plan compiles without data or weights). An evaluator is called
+with EMA params and its key and returns a ``Result``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Result:
 
 
 Evaluator = Callable[[Any, jax.Array], Result]  # (EMA params, key) -> Result
+# A jitted program and abstract arguments to lower it with (jax.ShapeDtypeStruct leaves).
+Program = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
 class EvaluatorType(Protocol):
@@ -46,3 +49,7 @@ class EvaluatorType(Protocol):
   def create(
     self, name: str, settings: ml_collections.ConfigDict, run: run_lib.Run, *, in_loop: bool
   ) -> Evaluator: ...
+
+  def programs(
+    self, settings: ml_collections.ConfigDict, run: run_lib.Run
+  ) -> dict[str, Program]: ...

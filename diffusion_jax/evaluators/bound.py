@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from diffusion_jax import config_rules, console, diffusion, input_pipeline, models, parallel
 from diffusion_jax import run as run_lib
 from diffusion_jax.config_rules import Problems
-from diffusion_jax.evaluators.base import Evaluator, Result
+from diffusion_jax.evaluators.base import Evaluator, Program, Result
 
 LABELS = {'bpd': 'bits/dim', 'bpd_prior': 'prior', 'bpd_decoder': 'decoder'}  # eval/<metric>
 
@@ -219,21 +219,36 @@ def problems(
   return found
 
 
+def run_bpd_fn(run: run_lib.Run) -> BpdFn:
+  """``make_bpd_fn`` of the run's model, process, mesh and sampler's clipping."""
+  bind = functools.partial(models.model_fn, run.model)
+  return make_bpd_fn(bind, run.process, run.mesh, clip_denoised=run.sampler.clip_denoised)
+
+
+def global_batch(settings: ml_collections.ConfigDict, run: run_lib.Run) -> int:
+  """``batch_size`` rounded up to a multiple of the device count."""
+  devices = run.mesh.devices.size
+  return -(-settings.batch_size // devices) * devices
+
+
 def create(
   name: str, settings: ml_collections.ConfigDict, run: run_lib.Run, *, in_loop: bool
 ) -> Evaluator:
   """The bound of the run's model on its split (the table and plot only outside the loop)."""
   split = split_of(settings, run.config)
   input_pipeline.check_splits(run.builder, {f'evals.{name}.split': split})
-  bpd_fn = make_bpd_fn(
-    functools.partial(models.model_fn, run.model),
-    run.process,
-    run.mesh,
-    clip_denoised=run.sampler.clip_denoised,
-  )
-  batch_size = -(-settings.batch_size // run.mesh.devices.size) * run.mesh.devices.size
   batches, num_batches = input_pipeline.create_eval_dataset(
-    run.builder, run.config.dataset, split, batch_size=batch_size
+    run.builder, run.config.dataset, split, batch_size=global_batch(settings, run)
   )
   batches = console.Counted(batches, f'bits/dim on {split} (batches)', num_batches)
-  return BoundEvaluator(bpd_fn, batches, run.mesh, split, files=not in_loop)
+  return BoundEvaluator(run_bpd_fn(run), batches, run.mesh, split, files=not in_loop)
+
+
+def programs(settings: ml_collections.ConfigDict, run: run_lib.Run) -> dict[str, Program]:
+  """The bound of one batch of images (all T terms), with abstract arguments."""
+  batch = global_batch(settings, run)
+  images = parallel.abstract_rows(run.mesh, (batch, *run.image_shape), jnp.float32)
+  mask = parallel.abstract_rows(run.mesh, (batch,), jnp.float32)
+  offset = jax.ShapeDtypeStruct((), jnp.int32)
+  params = run.abstract_state().ema_params
+  return {'bound': (run_bpd_fn(run), (params, images, mask, offset, run.abstract_key()))}

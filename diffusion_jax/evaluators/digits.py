@@ -21,7 +21,7 @@ from diffusion_jax import digits_classifier, digits_metric, images, input_pipeli
 from diffusion_jax import run as run_lib
 from diffusion_jax.config_rules import Problems
 from diffusion_jax.evaluators import samples
-from diffusion_jax.evaluators.base import Evaluator
+from diffusion_jax.evaluators.base import Evaluator, Program
 
 # Metric -> console label; each is written as eval/digits_<metric>.
 LABELS = {
@@ -86,3 +86,8 @@ def create(
   input_pipeline.check_splits(run.builder, {f'evals.{name}.reference_split': split})
   score = DigitsScore.create(run.builder, split, cache_dir=settings.reference_dir)
   return samples.create(settings, run, score, in_loop=in_loop)
+
+
+def programs(settings: ml_collections.ConfigDict, run: run_lib.Run) -> dict[str, Program]:
+  """The sampler (the classifier scores gathered uint8 images on every host)."""
+  return samples.programs(settings, run)

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from flax.traverse_util import unflatten_dict
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -29,7 +30,7 @@ from diffusion_jax import run as run_lib
 from diffusion_jax.config_rules import Problems
 from diffusion_jax.errors import SetupError
 from diffusion_jax.evaluators import samples
-from diffusion_jax.evaluators.base import Evaluator
+from diffusion_jax.evaluators.base import Evaluator, Program
 
 NUM_IS_SPLITS = 10
 LABELS = {'fid': 'FID', 'is': 'IS', 'is_std': 'IS std'}  # metric -> console label (eval/<metric>)
@@ -184,3 +185,14 @@ def create(
     params, run.mesh, reference_path=path, reference_batches=reference_batches
   )
   return samples.create(settings, run, score, in_loop=in_loop)
+
+
+def programs(settings: ml_collections.ConfigDict, run: run_lib.Run) -> dict[str, Program]:
+  """The sampler and the Inception forward on one chunk of samples."""
+  params = {
+    name: parallel.abstract_replicated(run.mesh, shape, jnp.float32)
+    for name, shape in fid.param_shapes().items()
+  }
+  images = parallel.abstract_rows(run.mesh, samples.chunk_shape(settings, run), jnp.float32)
+  forward = (make_inception_fn(run.mesh), (unflatten_dict(params, sep='/'), images))
+  return {**samples.programs(settings, run), 'inception': forward}

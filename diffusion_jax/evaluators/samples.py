@@ -19,7 +19,7 @@ import numpy as np
 from diffusion_jax import config_rules, console, images, input_pipeline, parallel, sampling
 from diffusion_jax import run as run_lib
 from diffusion_jax.config_rules import Problems
-from diffusion_jax.evaluators.base import Result
+from diffusion_jax.evaluators.base import Program, Result
 
 # (sample chunks in [-1, 1], how many of their rows to score) -> named metrics; scalars are
 # written as eval/<name>, anything else (e.g. a histogram) goes to the report only.
@@ -144,3 +144,15 @@ def create(
     'reference_count': run.builder.info.splits[split].num_examples,
   }
   return SampleEvaluator(sampler, num_samples, score, 0 if in_loop else GRID_SIZE, reference)
+
+
+def programs(settings: ml_collections.ConfigDict, run: run_lib.Run) -> dict[str, Program]:
+  """The sampler of ``settings``' chunks (--mode=eval's, the larger), with abstract arguments."""
+  size = chunk_size(settings.batch_size, settings.num_samples, run.mesh.devices.size)
+  return {'sampler': (run.sample_fn(size), (run.abstract_state().ema_params, run.abstract_key()))}
+
+
+def chunk_shape(settings: ml_collections.ConfigDict, run: run_lib.Run) -> tuple[int, ...]:
+  """The shape of one chunk of samples [chunk, H, W, C]."""
+  size = chunk_size(settings.batch_size, settings.num_samples, run.mesh.devices.size)
+  return (size, *run.image_shape)

@@ -15,10 +15,8 @@ runtime (``WITH_TPU=1 bash launch/setup.sh``); ``launch/tpu.sh plan`` runs this.
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# libtpu asks the (absent) TPU host for its topology unless these are set: quiet, no effect on
-# what compiles.
-os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
-os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+# libtpu describes the host it runs on from this unless told; here it only compiles (the
+# target is --tpu), so any type silences its warning.
 os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v4-8')
 
 import jax  # noqa: E402

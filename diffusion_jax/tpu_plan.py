@@ -14,6 +14,7 @@ Inception forward, the bound). XLA's times are its cost model's lower bounds
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from typing import Any
@@ -97,6 +98,11 @@ def topology_devices(tpu: str) -> list[jax.Device]:
       f'--tpu={tpu} is not a TPU type this plan knows; choose one of '
       f'{", ".join(hardware.TPU_SLICES)} (or add it to hardware.TPU_SLICES).'
     )
+  # This host is no TPU host: libtpu is to ask nothing of its (absent) metadata server, and may
+  # be loaded by several processes at once (it compiles only; nothing holds a chip).
+  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies
 
   slice_ = hardware.TPU_SLICES[tpu]
@@ -121,6 +127,10 @@ def compile_program(
   program too big for the chip is one XLA:TPU refuses to compile: it comes back with the refusal
   and the memory XLA says it needs (its temporaries alone)."""
   start = time.perf_counter()
+  # Nothing goes into the persistent compilation cache: with no TPU client, JAX could not load
+  # the entry back (it warns when a later compile finds one).
+  threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', float('inf'))
   try:
     compiled = fn.lower(*args).compile()
   except jax.errors.JaxRuntimeError as e:
@@ -136,6 +146,8 @@ def compile_program(
       calls_per_step=calls_per_step,
       out_of_memory=match[0],
     )
+  finally:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', threshold)
   cost = compiled.cost_analysis() or {}
   return Compiled(
     name=name,

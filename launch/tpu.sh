@@ -20,6 +20,13 @@
 #   -h, --help                                      this text
 #
 # Commands, in the order of a run:
+#   plan TPU_TYPE CONFIG [FLAGS...]
+#       Before any TPU is created, on this machine (Linux x86-64, no TPU needed): XLA:TPU
+#       compiles every program of the run (python -m benchmarks.tpu_compile) for TPU_TYPE (v3-8,
+#       v4-32, v5litepod-8, v6e-8, tpu7x-8, ...) and prints per device what it needs against
+#       the chip's HBM, whether it fits (if not, the first setting that does), XLA's step time
+#       and MFU. Sets up .venv with the TPU runtime first (WITH_TPU=1 launch/setup.sh). FLAGS:
+#       --config.x=y overrides, as for train. Needs no --tpu or --zone.
 #   create --accelerator-type TYPE [--version RUNTIME] [--spot] [--queued] [-- GCLOUD_FLAGS...]
 #       A TPU VM of TYPE (v3-8, v4-32, v5litepod-16, v6e-8, ...). --queued: a queued resource
 #       (waits for capacity; the node gets the same name). --spot: a spot VM. Default RUNTIME:
@@ -436,6 +443,21 @@ default_runtime() {
 # Generations the Cloud TPU API (gcloud compute tpus) does not serve: TPU7x and later.
 api_unsupported() { [[ $1 == tpu7x-* || $1 == tpu[89]* ]]; }
 
+cmd_plan() {
+  if [[ $# -lt 2 || $1 == -* || $2 == -* ]]; then
+    usage_error 'plan needs TPU_TYPE CONFIG [FLAGS...] (e.g. v3-8 configs/cifar10.py)'
+  fi
+  local type=$1 config=$2 path
+  shift 2
+  path=${config%%:*}
+  [[ -f $path ]] || usage_error "plan: no config file $path"
+  config=$(cd "$(dirname "$path")" && pwd)/$(basename "$path")${config#"$path"}
+  run '' env WITH_TPU=1 bash "$REPO_ROOT/launch/setup.sh"
+  cd "$REPO_ROOT"
+  run '' "${VENV:-.venv}/bin/python" -m benchmarks.tpu_compile --tpu="$type" \
+    --config="$config" --fit "$@"
+}
+
 cmd_create() {
   local type='' version='' spot=0 queued=0 extra=() flags
   while (($#)); do
@@ -474,7 +496,8 @@ cmd_create() {
     run '' gcloud compute tpus tpu-vm create "$tpu" "${scope[@]}" "${flags[@]}" \
       ${extra[@]+"${extra[@]}"}
   fi
-  note "next: $PROG push, then $PROG setup"
+  note "next: $PROG push, then $PROG setup (and $PROG plan $type CONFIG, if not done yet:" \
+    "whether the run fits this TPU, checked here before the TPU bills)"
 }
 
 # The commit id of $1 (HEAD, an id, a branch) in this checkout.
@@ -850,10 +873,15 @@ main() {
     esac
     shift
   done
-  (($#)) || usage_error 'no command (create, push, setup, train, logs, status, stop, delete,' \
-    'watch; see --help)'
+  (($#)) || usage_error 'no command (plan, create, push, setup, train, logs, status, stop,' \
+    'delete, watch; see --help)'
   local command=$1
   shift
+  if [[ $command == plan ]]; then  # on this machine: no TPU name or zone
+    [[ ${1:-} != -h && ${1:-} != --help ]] || { usage; exit 0; }
+    cmd_plan "$@"
+    return
+  fi
   case $command in
     create | push | setup | train | logs | status | stop | delete | watch) ;;
     *) usage_error "unknown command $command (see --help)" ;;

@@ -299,7 +299,8 @@ def test_every_launch_script_runs_as_a_program(script):
 def test_help_lists_every_command(laptop):
   out = laptop.run('--help').stdout
   assert out.startswith('Trains diffusion_jax on a Cloud TPU VM')
-  for command in ('create', 'push', 'setup', 'train', 'logs', 'status', 'stop', 'delete', 'watch'):
+  commands = ('plan', 'create', 'push', 'setup', 'train', 'logs', 'status', 'stop', 'delete')
+  for command in (*commands, 'watch'):
     assert f'\n  {command}' in out
   assert laptop.run('train', '--help').stdout == out  # no TPU name needed for help
   assert laptop.calls() == []
@@ -365,6 +366,30 @@ def test_create(laptop, args, call):
 
 def test_create_of_an_unknown_generation_needs_a_version(laptop):
   assert '--version' in laptop.tpu('create', '--accelerator-type', 'v9-8', code=2).stderr
+
+
+def test_plan_compiles_on_this_machine_without_a_tpu_name(laptop, tmp_path):
+  """``plan`` needs neither --tpu nor --zone, sets up the venv with the TPU runtime, then runs
+  the compile check (covered by tests/test_tpu_plan.py) with the overrides as they are."""
+  env = {'TPU_NAME': '', 'ZONE': ''}
+  lines = laptop.run('--dry-run', 'plan', 'v4-32', 'configs/cifar10.py:x', TUPLE, env=env).stdout
+  setup, compile_ = (split_words(line) for line in lines.splitlines())
+  assert setup == ['env', 'WITH_TPU=1', 'bash', str(REPO / 'launch' / 'setup.sh')]
+  assert compile_ == [
+    '.venv/bin/python',
+    '-m',
+    'benchmarks.tpu_compile',
+    '--tpu=v4-32',
+    f'--config={REPO / "configs" / "cifar10.py"}:x',
+    '--fit',
+    TUPLE,
+  ]
+  assert laptop.calls() == []
+  err = laptop.run('plan', 'v3-8', str(tmp_path / 'nope.py'), code=2, env=env).stderr
+  assert 'no config file' in err
+  assert (
+    'plan v3-8 CONFIG' in laptop.tpu('--dry-run', 'create', '--accelerator-type', 'v3-8').stderr
+  )
 
 
 def test_create_of_a_tpu7x_points_to_gke(laptop):

@@ -2,6 +2,9 @@
 compilation): a single-host and a multi-host slice, their memory against the chip's HBM, FLOPs as
 XLA:CPU counts them, and a batch XLA:TPU refuses."""
 
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -9,7 +12,7 @@ from diffusion_jax import hardware, tpu_plan, train_step
 from diffusion_jax.errors import SetupError
 from diffusion_jax.run import Run
 
-from conftest import load_config
+from conftest import REPO, load_config
 
 pytest.importorskip(
   'libtpu', reason='compiling for a TPU needs the TPU runtime (libtpu, Linux x86-64)'
@@ -33,12 +36,13 @@ def test_the_digits_run_compiles_for_a_tpu_slice_and_fits(tpu, devices, hosts, h
   config = digits_with_every_program()
   plan = tpu_plan.plan(config, tpu)
   assert (plan.num_devices, plan.num_hosts) == (devices, hosts)
-  assert [p.name for p in plan.programs] == [
+  assert plan.train.name == 'train step'
+  assert {p.name for p in plan.programs} == {
     'train step',
     'sample grid',
     'digits: sampler',
     'bpd: bound',
-  ]
+  }
   assert plan.fits and all(0 < p.bytes_per_device < 2**30 for p in plan.programs)
   chip = hardware.chip(tpu_plan.topology_devices(tpu)[0])
   assert plan.hbm_bytes_per_device == chip.hbm_bytes_per_device == hbm_gib * hardware.GiB
@@ -65,3 +69,22 @@ def test_a_batch_that_does_not_fit_is_refused_and_named():
 def test_an_unknown_tpu_type_is_named():
   with pytest.raises(SetupError, match='--tpu=v9-8 is not a TPU type this plan knows'):
     tpu_plan.topology_devices('v9-8')
+
+
+def test_the_command_prints_the_table():
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'benchmarks.tpu_compile',
+      '--config=configs/digits.py:tiny',
+      '--tpu=v3-8',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  row = next(line for line in out.stdout.splitlines() if line.startswith('| v3-8 |'))
+  assert '| 8 (1) |' in row and '| yes |' in row and '| 16 |' in row

@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 100
   config.train.checkpoint_every_steps = 10_000
   config.train.keep_checkpoints = 3
+  # Also a checkpoint every this many minutes of wall time (at a log step), so that a VM taken
+  # back loses at most that much; None: 30 on TPU/GPU, none on a CPU; 0: none.
+  config.train.checkpoint_every_minutes = ml_collections.config_dict.placeholder(float)
   config.train.sample_every_steps = 50_000
   config.train.num_sample_images = 64  # the sample grid
   # Trace this many optimizer steps (from the second of each process on) into the workdir for

@@ -20,6 +20,7 @@ RULES: dict[str, tuple[str, Callable[[Any], bool], bool]] = {
   'optional count': ('None or an integer >= 1', lambda v: v >= 1, True),
   'non-negative count': ('an integer >= 0', lambda v: v >= 0, True),
   'non-negative': ('>= 0', lambda v: v >= 0, False),
+  'optional non-negative': ('None or >= 0', lambda v: v >= 0, False),
   'positive': ('> 0', lambda v: v > 0, False),
   'fraction': ('in [0, 1)', lambda v: 0 <= v < 1, False),
 }
@@ -57,7 +58,7 @@ def range_problems(
     if value is MISSING:
       problems[field] = missing(field)
       continue
-    if value is None and rule == 'optional count':
+    if value is None and rule.startswith('optional'):
       continue
     bound, test, integer = RULES[rule]
     number = is_int(value) or (not integer and isinstance(value, float))

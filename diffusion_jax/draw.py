@@ -14,7 +14,7 @@ def sample_from_checkpoint(run: run_lib.Run, *, num_samples: int) -> np.ndarray:
   step = int(state.step)
   stem = run.workdir / 'samples' / f'ema_step_{step:08d}_n{num_samples}'
   samples = sampling.write_sample_grid(
-    run.sample_fn(num_samples),
+    run.chunked_sampler(num_samples, run.config.train.batch_size),
     state.ema_params,
     run.key('sample'),
     num_samples=num_samples,

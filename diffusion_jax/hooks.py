@@ -6,22 +6,28 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from diffusion_jax import console, evaluate, hardware, sampling
 from diffusion_jax import run as run_lib
 from diffusion_jax.train_state import TrainState
 
+INTERRUPTED = 'interrupted_actions.json'  # the actions a preemption notice stopped, by step
+
 
 @dataclasses.dataclass(frozen=True)
 class Periodic:
   """``action(step, state)`` every ``every_steps`` optimizer steps (0: never) and, with
-  ``at_end``, at the last step."""
+  ``at_end``, at the last step; ``name`` names it in the record of interrupted actions."""
 
+  name: str
   every_steps: int
   action: Callable[[int, TrainState], None]
   at_end: bool = False
@@ -72,13 +78,13 @@ def sample_grid(
   """Every ``train.sample_every_steps`` and at the end: a grid of the EMA params' samples into
   ``workdir/samples/step_N.png`` and TensorBoard."""
   num_samples = run.config.train.num_sample_images
-  sample_fn = run.sample_fn(num_samples)
+  sampler = run.chunked_sampler(num_samples, run.config.train.batch_size)  # a train batch fits
 
   def write_grid(step: int, state: TrainState) -> None:
     path = run.workdir / 'samples' / f'step_{step:08d}.png'
     with report_progress.timed('sample'):
       sampling.write_sample_grid(
-        sample_fn,
+        sampler,
         state.ema_params,
         run.key('sample_grid'),
         num_samples=num_samples,
@@ -88,7 +94,7 @@ def sample_grid(
       )
     console.say('samples of step %d: %s', step, path)
 
-  return Periodic(run.config.train.sample_every_steps, write_grid, at_end=True)
+  return Periodic('samples', run.config.train.sample_every_steps, write_grid, at_end=True)
 
 
 def evaluations(
@@ -108,5 +114,26 @@ def evaluations(
       writer.write_scalars(step, scalars)
       console.say('evaluation %s at step %d: %s', name, step, evaluate.describe(scalars))
 
-    periodic.append(Periodic(run.config.evals[name].every_steps, run_eval))
+    periodic.append(Periodic(f'eval {name}', run.config.evals[name].every_steps, run_eval))
   return periodic
+
+
+def record_interrupted(workdir: epath.Path, step: int, names: list[str]) -> None:
+  """Records the actions of ``step`` that a preemption notice stopped (none: clears the record);
+  process 0 writes it, into the workdir all hosts share."""
+  if jax.process_index() != 0:
+    return
+  path = workdir / INTERRUPTED
+  if names:
+    path.write_text(json.dumps({'step': step, 'actions': names}))
+  elif path.exists():
+    path.unlink()
+
+
+def interrupted(workdir: epath.Path, step: int) -> list[str]:
+  """The actions a preemption notice stopped at ``step`` (the step a run resumes from)."""
+  path = workdir / INTERRUPTED
+  if not path.exists():
+    return []
+  record = json.loads(path.read_text())
+  return record['actions'] if record.get('step') == step else []

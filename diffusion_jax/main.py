@@ -12,11 +12,13 @@ from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import (  # noqa: E402
   config_compat,
+  console,
   draw,
   errors,
   evaluate,
   figures,
   flag_errors,
+  preemption,
   runtime,
   train,
   validation,
@@ -75,10 +77,19 @@ def main(argv):
       process_id=FLAGS.process_id,
     )
     check(config)
-    run = Run.create(config, FLAGS.workdir)
+    with preemption.watching():
+      run_mode(Run.create(config, FLAGS.workdir))
+  except (SetupError, DivergedError) as e:
+    errors.exit_with(e)
+
+
+def run_mode(run: Run) -> None:
+  """The work of ``--mode``; a preemption notice ends it at the next chunk with exit status 0
+  (training: saved; the others: run the command again to do it)."""
+  try:
     if FLAGS.mode == 'train':
       state = train.train_and_evaluate(run)
-      if int(state.step) < config.train.num_train_steps:  # preempted: saved, exit at once
+      if int(state.step) < run.config.train.num_train_steps:  # preempted: saved, exit at once
         runtime.exit_now(0)
     elif FLAGS.mode == 'figures':
       figures.make_figures(run)
@@ -87,8 +98,11 @@ def main(argv):
     else:
       config_name = config_flags.get_config_filename(FLAGS['config'])
       evaluate.evaluate_checkpoint(run, config_name=config_name)
-  except (SetupError, DivergedError) as e:
-    errors.exit_with(e)
+  except preemption.Preempted:
+    console.say(
+      'Preempted (SIGTERM) during --mode=%s: stopped; the same command does it again.', FLAGS.mode
+    )
+    runtime.exit_now(0)
 
 
 def check(config: ml_collections.ConfigDict) -> None:

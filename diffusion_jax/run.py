@@ -100,6 +100,12 @@ class Run:
       settings=self.sampler,
     )
 
+  def chunked_sampler(self, num_samples: int, batch_size: int) -> sampling.ChunkedSampler:
+    """The sampler of ``num_samples`` in chunks of at most ``batch_size`` (rounded up to the
+    devices): one compiled program, called once per chunk."""
+    size = sampling.chunk_size(batch_size, num_samples, self.mesh.devices.size)
+    return sampling.ChunkedSampler(self.sample_fn(size), size)
+
   def restore_latest(self) -> TrainState:
     """The latest complete checkpoint of the workdir (a SetupError if there is none)."""
     if self.workdir is None:

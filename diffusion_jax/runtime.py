@@ -2,9 +2,7 @@
 where the user meant it to be (on the asked-for accelerator, with a workdir every host shares)."""
 
 import os
-import signal
 import sys
-import threading
 import uuid
 
 import jax
@@ -58,6 +56,22 @@ def steps_per_call(train_config: ml_collections.ConfigDict) -> int:
   if train_config.steps_per_call is not None:
     return train_config.steps_per_call
   return 1 if jax.devices()[0].platform == 'cpu' else 10
+
+
+def checkpoint_minutes(train_config: ml_collections.ConfigDict) -> float | None:
+  """``train.checkpoint_every_minutes``, or if None: 30 on TPU/GPU (a preempted or maintained
+  VM loses at most that), none on a CPU (0: none)."""
+  minutes = train_config.checkpoint_every_minutes
+  if minutes is None:
+    return None if jax.devices()[0].platform == 'cpu' else 30.0
+  return minutes or None
+
+
+def agree(decision: bool) -> bool:
+  """Process 0's ``decision``, on every process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return decision
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(decision)))
 
 
 def check_platform() -> None:
@@ -119,38 +133,9 @@ def is_coordinator() -> bool:
   return jax.process_index() == 0
 
 
-class Preemption:
-  """SIGTERM (a TPU preemption notice) -> a stop at a host call that every process agrees on.
-
-  One process: a Python SIGTERM handler sets a flag. Several processes (``jax.distributed``): JAX's
-  own preemption notifier, installed by ``jax.distributed.initialize()``, catches the signal on
-  whichever host gets it, and ``reached_preemption_sync_point`` then turns True on every host at
-  the same sync id; no Python handler may replace that notifier. ``should_stop`` must be called
-  once per host call, on every host: the sync ids advance by one per call.
-  """
-
-  def __init__(self):
-    self._multi_process = jax.process_count() > 1
-    self._received = threading.Event()
-    self._previous = None
-    self._sync_id = 0
-    if not self._multi_process and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._received.set())
-
-  def should_stop(self) -> bool:
-    self._sync_id += 1
-    if self._multi_process:
-      return multihost_utils.reached_preemption_sync_point(self._sync_id)
-    return self._received.is_set()
-
-  def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def exit_now(status: int) -> None:
-  """Ends the process without the seconds TensorFlow's and XLA's teardown take (a preemption
-  notice gives ~30 s), after flushing the logs and leaving the other processes cleanly."""
+  """Ends the process without the seconds TensorFlow's and XLA's teardown take (a preempted VM
+  may not have them), after flushing the logs and leaving the other processes cleanly."""
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()

@@ -4,7 +4,7 @@ sampler (Algorithm 2, respaced, or DDIM) and sample grids."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +16,7 @@ from etils import epath
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import diffusion, images, models, parallel
+from diffusion_jax import diffusion, images, models, parallel, preemption
 
 SampleFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -96,13 +96,39 @@ def make_sample_fn(
   )
 
 
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` that is >= ``n``."""
+  return -(-n // multiple) * multiple
+
+
+def chunk_size(batch_size: int, num_samples: int, num_devices: int) -> int:
+  """Samples per sampling call: ``batch_size``, or fewer if ``num_samples`` needs fewer, rounded
+  up to a multiple of the device count."""
+  return min(round_up(batch_size, num_devices), round_up(num_samples, num_devices))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedSampler:
+  """A compiled ``sample(params, rng)`` of ``chunk_size`` samples, called once per chunk: a
+  preemption notice stops the work between chunks (on every host alike)."""
+
+  sample_fn: SampleFn
+  chunk_size: int
+
+  def chunks(self, params: Any, rng: jax.Array, num_samples: int) -> Iterator[jax.Array]:
+    """Sharded [-1, 1] chunks of at least ``num_samples`` rows, chunk c from ``fold_in(rng, c)``."""
+    for c in range(-(-num_samples // self.chunk_size)):
+      preemption.check()
+      yield self.sample_fn(params, jax.random.fold_in(rng, c))
+
+
 def gather_images(samples: jax.Array, num_samples: int) -> np.ndarray:
   """Samples in [-1, 1] on any devices -> uint8 numpy [num_samples, H, W, C] on every host."""
   return images.to_uint8(parallel.gather(samples)[:num_samples])
 
 
 def write_sample_grid(
-  sample_fn: SampleFn,
+  sampler: ChunkedSampler,
   params: Any,
   rng: jax.Array,
   *,
@@ -111,9 +137,10 @@ def write_sample_grid(
   writer: metric_writers.MetricWriter | None = None,
   step: int = 0,
 ) -> np.ndarray:
-  """Samples with ``params``; process 0 writes a PNG grid at ``path`` (and to TensorBoard if a
-  writer is given). Returns the uint8 images."""
-  samples = gather_images(sample_fn(params, rng), num_samples)
+  """``num_samples`` samples with ``params`` (chunk by chunk); process 0 writes a PNG grid at
+  ``path`` (and to TensorBoard if a writer is given). Returns the uint8 images."""
+  chunks = sampler.chunks(params, rng, num_samples)
+  samples = np.concatenate([gather_images(chunk, num_samples) for chunk in chunks])[:num_samples]
   grid = images.image_grid(samples)
   if jax.process_index() == 0:
     images.save_png(path, grid)

@@ -30,6 +30,7 @@ _RANGES = (
   ('train.checkpoint_every_steps', 'count', 'the period of checkpoint saves'),
   ('train.sample_every_steps', 'count', 'the period of sample grids'),
   ('train.keep_checkpoints', 'count', 'how many checkpoints are kept (0 would delete each one)'),
+  ('train.checkpoint_every_minutes', 'optional non-negative', 'the wall time between checkpoints'),
   ('train.batch_size', 'count', 'the global batch size'),
   ('train.num_sample_images', 'count', 'the number of images in a sample grid'),
   ('train.profile_steps', 'non-negative count', 'the steps traced for the profiler, 0 = none'),

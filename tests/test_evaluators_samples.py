@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import images, parallel
+from diffusion_jax import images, parallel, sampling
 from diffusion_jax.evaluators import samples
 
 
@@ -22,7 +22,7 @@ def mesh():
   [(16, 20, 16), (100, 20, 24), (5, 100, 8), (256, 50_000, 256), (250, 50_000, 256)],
 )
 def test_chunk_size_is_the_smaller_rounded_up_to_the_devices(batch_size, num_samples, expected):
-  assert samples.chunk_size(batch_size, num_samples, 8) == expected
+  assert sampling.chunk_size(batch_size, num_samples, 8) == expected
 
 
 def fake_sample_fn(mesh, chunk_size):
@@ -35,7 +35,7 @@ def fake_sample_fn(mesh, chunk_size):
 
 
 def test_chunks_cover_the_samples_each_with_its_own_key(mesh):
-  sampler = samples.ChunkedSampler(fake_sample_fn(mesh, 8), 8)
+  sampler = sampling.ChunkedSampler(fake_sample_fn(mesh, 8), 8)
   rng = jax.random.PRNGKey(3)
   chunks = list(sampler.chunks(1.0, rng, 20))
   assert len(chunks) == 3
@@ -61,7 +61,7 @@ def test_gathered_rows_are_exactly_n_and_stop_pulling(mesh):
 
 
 def test_peek_images_returns_the_first_as_uint8_and_every_chunk(mesh):
-  sampler = samples.ChunkedSampler(fake_sample_fn(mesh, 8), 8)
+  sampler = sampling.ChunkedSampler(fake_sample_fn(mesh, 8), 8)
   rng = jax.random.PRNGKey(0)
   first, chunks = samples.peek_images(sampler.chunks(1.0, rng, 16), 5)
   chunks = list(chunks)

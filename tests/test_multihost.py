@@ -72,7 +72,7 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path):
   assert checkpoints(workdir)[-1] == 4
 
 
-@pytest.mark.parametrize('signalled,steps_per_call', [(0, 1), (1, 1), (0, 2), (1, 2)])
+@pytest.mark.parametrize('signalled,steps_per_call', [(0, 1), (1, 2)])
 def test_sigterm_to_either_process_saves_one_step_on_both_and_resumes(
   data_dir, tmp_path, signalled, steps_per_call
 ):
@@ -101,6 +101,31 @@ def test_sigterm_to_either_process_saves_one_step_on_both_and_resumes(
   outs = finish(launch([resume] * 2))
   assert all(f'Resumed from step {step}' in out for out in outs)
   assert checkpoints(workdir)[-1] == step + 2 * steps_per_call
+
+
+def test_sigterm_during_an_evaluation_stops_both_hosts_and_the_resume_redoes_it(data_dir, tmp_path):
+  """The evaluation at the last step, many chunks long: a notice to process 1 stops it on both
+  hosts at the same chunk; the state is saved, and the next run evaluates that step again."""
+  workdir = tmp_path / 'run'
+  flags = tiny_flags(data_dir, workdir, 4) + ['--config.evals.digits.in_loop_num_samples=4000']
+  procs = launch([flags] * 2)
+  deadline = time.time() + 300
+  while not (workdir / 'samples' / 'step_00000004.png').exists():  # the evaluation is next
+    assert all(p.poll() is None for p in procs) and time.time() < deadline
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  signalled_at = time.time()
+  outs = finish(procs, timeout=120)
+  assert time.time() - signalled_at < 30, 'the notice waited for the evaluation to end'
+  assert all('Preempted (SIGTERM) at step 4' in out for out in outs), [o[-2000:] for o in outs]
+  assert not any('evaluation digits at step' in out for out in outs)
+  assert (workdir / 'interrupted_actions.json').read_text() == (
+    '{"step": 4, "actions": ["eval digits"]}'
+  )
+  assert checkpoints(workdir)[-1] == 4
+  outs = finish(launch([flags] * 2))
+  assert all('evaluation digits at step 4' in out and 'Done: step 4' in out for out in outs)
+  assert not (workdir / 'interrupted_actions.json').exists()
 
 
 def test_a_workdir_not_shared_by_all_hosts_is_a_clear_error(data_dir, tmp_path):

@@ -1,5 +1,6 @@
 """The data-parallel train step and the CLU/Orbax loop, on configs/digits.py:tiny."""
 
+import json
 import re
 import signal
 import time
@@ -174,6 +175,30 @@ def test_cli_preemption_resume_and_sample(data_dir, tmp_path):
   with np.load(workdir / 'samples' / f'ema_step_{steps[-1] + 2:08d}_n5.npz') as f:
     assert f['images'].shape == (5, 8, 8, 1) and f['images'].dtype == np.uint8
     assert int(f['step']) == steps[-1] + 2 and f['images'].max() > 0
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_sample_grid_saves_and_the_resume_draws_it_again(data_dir, tmp_path):
+  """A grid of many chunks at the last step: the notice stops it at the next chunk, within
+  seconds; the next run draws that grid, then evaluates, then ends."""
+  workdir = tmp_path / 'run'
+  flags = tiny_flags(data_dir, workdir, 4) + ['--config.train.num_sample_images=3000']
+  proc = run_main(*flags)
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / '4' / 'commit_success.txt').exists():  # the grid is next
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  signalled_at = time.monotonic()
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  assert time.monotonic() - signalled_at < 20, 'the notice waited for the grid to end'
+  assert 'Preempted (SIGTERM) at step 4' in out and 'samples of step 4' not in out
+  record = json.loads((workdir / 'interrupted_actions.json').read_text())
+  assert record == {'step': 4, 'actions': ['samples', 'eval digits']}
+  out, _ = run_main(*flags).communicate(timeout=600)
+  assert 'samples of step 4' in out and 'evaluation digits at step 4' in out, out[-3000:]
+  assert 'Done: step 4' in out and not (workdir / 'interrupted_actions.json').exists()
 
 
 def library_warnings(out: str) -> list[str]:

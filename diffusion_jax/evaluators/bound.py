@@ -21,7 +21,15 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
-from diffusion_jax import config_rules, console, diffusion, input_pipeline, models, parallel
+from diffusion_jax import (
+  config_rules,
+  console,
+  diffusion,
+  input_pipeline,
+  models,
+  parallel,
+  preemption,
+)
 from diffusion_jax import run as run_lib
 from diffusion_jax.config_rules import Problems
 from diffusion_jax.evaluators.base import Evaluator, Program, Result
@@ -118,6 +126,7 @@ def nll_bits_per_dim(
   on every process); batch b's rows are examples ``b * global batch + r`` for the noise keys."""
   totals, offset = None, 0
   for local in batches:
+    preemption.check()  # a notice stops the work here, on every host alike
     batch = parallel.shard_rows(mesh, {'image': local['image'], 'mask': local['mask']})
     _, sums = bpd_fn(params, batch['image'], batch['mask'], offset, rng)
     sums = jax.tree.map(lambda a: parallel.host_value(a).astype(np.float64), sums)

@@ -25,7 +25,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import console, feature_metrics, fid, images, input_pipeline, parallel
+from diffusion_jax import (
+  console,
+  feature_metrics,
+  fid,
+  images,
+  input_pipeline,
+  parallel,
+  preemption,
+  sampling,
+)
 from diffusion_jax import run as run_lib
 from diffusion_jax.config_rules import Problems
 from diffusion_jax.errors import SetupError
@@ -103,6 +112,7 @@ def reference_stats(
   logging.info('Computing FID reference statistics into %s.', path)
   stats = feature_metrics.FeatureStats(fid.POOL3_DIM)
   for local in batches():
+    preemption.check()  # a notice stops the work here, on every host alike
     batch = parallel.shard_rows(mesh, local)
     pool3 = parallel.gather(inception_fn(params, batch['image'])[0])
     stats.update(pool3[parallel.gather(batch['mask']) > 0])
@@ -173,7 +183,7 @@ def create(
   count = run.builder.info.splits[split].num_examples
   dataset = run.config.dataset
   path = reference_stats_path(cache, dataset.name, dataset.image_size, split, count)
-  batch_size = samples.round_up(settings.batch_size, run.mesh.devices.size)
+  batch_size = sampling.round_up(settings.batch_size, run.mesh.devices.size)
 
   def reference_batches() -> Iterable[dict[str, np.ndarray]]:
     batches, num_batches = input_pipeline.create_eval_dataset(

@@ -16,26 +16,23 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion_jax import config_rules, console, images, input_pipeline, parallel, sampling
+from diffusion_jax import (
+  config_rules,
+  console,
+  images,
+  input_pipeline,
+  parallel,
+  sampling,
+)
 from diffusion_jax import run as run_lib
 from diffusion_jax.config_rules import Problems
 from diffusion_jax.evaluators.base import Program, Result
+from diffusion_jax.sampling import ChunkedSampler, chunk_size
 
 # (sample chunks in [-1, 1], how many of their rows to score) -> named metrics; scalars are
 # written as eval/<name>, anything else (e.g. a histogram) goes to the report only.
 ScoreFn = Callable[[Iterable[jax.Array], int], dict[str, Any]]
 GRID_SIZE = 64  # the samples --mode=eval shows (samples.png)
-
-
-def round_up(n: int, multiple: int) -> int:
-  """The smallest multiple of ``multiple`` that is >= ``n``."""
-  return -(-n // multiple) * multiple
-
-
-def chunk_size(batch_size: int, num_samples: int, num_devices: int) -> int:
-  """Samples per sampling call: ``batch_size``, or fewer if ``num_samples`` needs fewer, rounded
-  up to a multiple of the device count."""
-  return min(round_up(batch_size, num_devices), round_up(num_samples, num_devices))
 
 
 def reference_split(settings: ml_collections.ConfigDict) -> str:
@@ -70,19 +67,6 @@ def problems(name: str, settings: ml_collections.ConfigDict, *, minimum: int) ->
       f'set; set --config.{field}.reference_split=train.'
     )
   return found
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkedSampler:
-  """A compiled ``sample(params, rng)`` of ``chunk_size`` samples, called once per chunk."""
-
-  sample_fn: sampling.SampleFn
-  chunk_size: int
-
-  def chunks(self, params: Any, rng: jax.Array, num_samples: int) -> Iterator[jax.Array]:
-    """Sharded [-1, 1] chunks of at least ``num_samples`` rows, chunk c from ``fold_in(rng, c)``."""
-    for c in range(-(-num_samples // self.chunk_size)):
-      yield self.sample_fn(params, jax.random.fold_in(rng, c))
 
 
 def gathered_rows(chunks: Iterable[Any], num_rows: int) -> Iterator[Any]:
@@ -137,7 +121,7 @@ def create(
   ``num_samples`` and a grid of the first ``GRID_SIZE``."""
   num_samples = settings.in_loop_num_samples if in_loop else settings.num_samples
   size = chunk_size(settings.batch_size, num_samples, run.mesh.devices.size)
-  sampler = ChunkedSampler(run.sample_fn(size), size)
+  sampler = run.chunked_sampler(num_samples, size)
   split = reference_split(settings)
   reference = {
     'reference_split': split,

@@ -54,8 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.loss_type = 'mse'
 
   # How samples are drawn (grids, --mode=sample, evaluation): 'ancestral' (Algorithm 2; on
-  # num_steps respaced steps if set) or 'ddim' (Song et al. 2021, eta=0 deterministic); x̂_0
-  # clipped to [-1, 1] at every step if clip_denoised.
+  # num_steps respaced steps if set), 'ddim' (Song et al. 2021, eta=0 deterministic) or
+  # 'dpm_solver++' (Lu et al. 2022, 2M; 10-20 steps); x̂_0 clipped to [-1, 1] at every step if
+  # clip_denoised.
   config.sample = ml_collections.ConfigDict()
   config.sample.method = 'ancestral'
   config.sample.num_steps = ml_collections.config_dict.placeholder(int)  # None: all T steps

@@ -21,14 +21,15 @@ from diffusion_jax import diffusion, images, models, parallel, preemption
 SampleFn = Callable[[Any, jax.Array], jax.Array]
 
 
-SAMPLE_METHODS = ('ancestral', 'ddim')
+SAMPLE_METHODS = ('ancestral', 'ddim', 'dpm_solver++')
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
   """How samples are drawn (``config.sample``): Algorithm 2 on all T steps or on ``num_steps``
-  respaced ones (``method='ancestral'``), or DDIM with ``eta`` (``method='ddim'``); x̂_0 clipped
-  to [-1, 1] at every step if ``clip_denoised``."""
+  respaced ones (``method='ancestral'``), DDIM with ``eta`` (``method='ddim'``) or
+  DPM-Solver++(2M) (``method='dpm_solver++'``) on ``num_steps``; x̂_0 clipped to [-1, 1] at
+  every step if ``clip_denoised``."""
 
   method: str = 'ancestral'
   num_steps: int | None = None
@@ -57,8 +58,13 @@ def reverse_process(
       model_fn, shape, rng, num_steps=num_steps, eta=settings.eta, clip_denoised=clip
     )
 
+  def dpm_solver(model_fn, shape, rng):
+    return process.dpm_solver_loop(model_fn, shape, rng, num_steps=num_steps, clip_denoised=clip)
+
   if settings.method == 'ddim':
     return ddim
+  if settings.method == 'dpm_solver++':
+    return dpm_solver
   spaced = process if num_steps in (None, process.num_timesteps) else process.respaced(num_steps)
 
   def ancestral(model_fn, shape, rng):

@@ -66,7 +66,8 @@ def test_make_figures_writes_every_figure(tiny_config, tmp_path):
 
 
 def test_the_sample_config_picks_the_sampler_everywhere(tiny_config):
-  """``sample.method``/``num_steps``/``eta`` select DDIM or respaced ancestral sampling."""
+  """``sample.method``/``num_steps``/``eta`` select DDIM, DPM-Solver++ or respaced ancestral
+  sampling."""
   run = Run.create(tiny_config, devices=jax.devices()[:1])
   params = run.initial_state().ema_params
   d = run.process
@@ -76,6 +77,7 @@ def test_the_sample_config_picks_the_sampler_everywhere(tiny_config):
   for method, num_steps, eta, direct in [
     ('ddim', 5, 0.0, lambda r: d.ddim_sample_loop(model_fn, shape, r, num_steps=5)),
     ('ddim', None, 1.0, lambda r: d.ddim_sample_loop(model_fn, shape, r, eta=1.0)),
+    ('dpm_solver++', 6, 0.0, lambda r: d.dpm_solver_loop(model_fn, shape, r, num_steps=6)),
     ('ancestral', 10, 0.0, lambda r: d.respaced(10).p_sample_loop(model_fn, shape, r)),
     ('ancestral', None, 0.0, lambda r: d.p_sample_loop(model_fn, shape, r)),
   ]:

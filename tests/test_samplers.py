@@ -316,3 +316,60 @@ def test_bound_of_a_respaced_process_sums_its_terms_and_matches_its_closed_form(
   mean, se = bpd.mean(), bpd.std() / math.sqrt(n)
   expected = expected_bound_bits(betas, MU, S)
   assert abs(mean - expected) < 4 * se + 0.01, (mean, expected, se)
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++
+
+
+def flow_to_data(x_t: np.ndarray, t: int) -> np.ndarray:
+  """The probability-flow ODE's exact map from x_t to x_0 for N(MU, S²) data: x_t's marginal is
+  N(α MU, α² S² + σ²), and the flow keeps each point's quantile."""
+  alpha, sigma = math.sqrt(AC[t]), math.sqrt(1 - AC[t])
+  return MU + S * (x_t - alpha * MU) / math.sqrt(alpha**2 * S**2 + sigma**2)
+
+
+def ode_errors(sample, x_T: jax.Array, step_counts) -> dict[int, float]:
+  """The largest distance of ``sample(num_steps)``'s x_0 to the sampler on all T steps."""
+  reference = np.asarray(sample(T), np.float64)
+  return {
+    n: float(np.abs(np.asarray(sample(n), np.float64) - reference).max()) for n in step_counts
+  }
+
+
+def test_dpm_solver_converges_to_the_flow_at_second_order_where_ddim_is_first():
+  d = make()
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (2048, 1))
+  key = jax.random.PRNGKey(1)  # unused by either: both are deterministic given x_T
+
+  def dpm(n):
+    return jax.jit(
+      lambda x: d.dpm_solver_loop(EPS_FN, x.shape, key, num_steps=n, clip_denoised=False, x_T=x)
+    )(x_T)
+
+  def ddim(n):
+    return jax.jit(
+      lambda x: d.ddim_sample_loop(EPS_FN, x.shape, key, num_steps=n, clip_denoised=False, x_T=x)
+    )(x_T)
+
+  # On all T steps the solver is the flow, up to the last step's jump from σ_0 = 0.01 to 0.
+  exact = flow_to_data(np.asarray(x_T, np.float64), T - 1)
+  assert np.abs(np.asarray(dpm(T), np.float64) - exact).max() < 1e-3
+  counts = (32, 64, 128)
+  dpm_errors, ddim_errors = ode_errors(dpm, x_T, counts), ode_errors(ddim, x_T, counts)
+
+  def order(errors):  # error ~ n^-order, fitted over the doublings
+    return math.log(errors[counts[0]] / errors[counts[-1]]) / math.log(counts[-1] / counts[0])
+
+  assert 1.7 < order(dpm_errors) < 3.5, dpm_errors  # second order
+  assert 0.8 < order(ddim_errors) < 1.2, ddim_errors  # DDIM (η = 0): first order
+  assert dpm_errors[64] < ddim_errors[128] / 5  # half the steps, a fifth of the error
+
+
+@pytest.mark.parametrize('num_steps', [64, 200])
+def test_dpm_solver_is_deterministic_and_reaches_the_data_distribution(num_steps):
+  d = make()
+  sample = jax.jit(lambda k: d.dpm_solver_loop(EPS_FN, (20_000, 1), k, num_steps=num_steps))
+  x = sample(jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(x, sample(jax.random.PRNGKey(3)))
+  mean, var = moments(x)
+  assert abs(mean - MU) < 0.01 and abs(var - S**2) < 0.005, (mean, var)

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.center_crop = False  # LSUN: center crop to a square, then resize
   config.dataset.shuffle_buffer_size = 50_000
   config.dataset.prefetch = 2
+  config.dataset.label_key = 'label'  # the class feature (class-conditional models only)
 
   config.model = ml_collections.ConfigDict()
   config.model.ch = 128
@@ -43,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Recompute each ResNet/attention block in the backward pass: less activation memory, ~1/3 more
   # compute; same parameters and outputs. Fits the 256x256 model into a TPU core (BENCHMARKS.md).
   config.model.remat = False
+  # Class-conditional (Ho & Salimans 2021): the number of classes of dataset.label_key, whose
+  # embedding is added to the time embedding; None: the paper's unconditional U-Net.
+  config.model.num_classes = ml_collections.config_dict.placeholder(int)
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.beta_schedule = 'linear'
@@ -62,6 +66,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.num_steps = ml_collections.config_dict.placeholder(int)  # None: all T steps
   config.sample.eta = 0.0
   config.sample.clip_denoised = True
+  # Class-conditional models: classifier-free guidance w (ε̃ = (1 + w) ε(x, c) − w ε(x, ∅)) and the
+  # classes to sample: () spreads them evenly (sample i is class i mod num_classes), (c,) is one
+  # class for all, (c0, c1, ...) a class per sample, cycled.
+  config.sample.guidance = 0.0
+  config.sample.labels = ()
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 2e-4
@@ -89,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_minutes = ml_collections.config_dict.placeholder(float)
   config.train.sample_every_steps = 50_000
   config.train.num_sample_images = 64  # the sample grid
+  # Class-conditional models: the fraction of examples trained with the null class instead of
+  # theirs (the unconditional model that guidance needs).
+  config.train.p_uncond = 0.1
   # Trace this many optimizer steps (from the second of each process on) into the workdir for
   # TensorBoard's profile plugin (docs/cloud_tpu.md); 0: no trace.
   config.train.profile_steps = 0

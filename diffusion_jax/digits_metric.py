@@ -108,9 +108,11 @@ def digits_metrics(
   images: np.ndarray,
   ref_stats: Sequence[np.ndarray],
   confidence: float = 0.9,
+  labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
   """fd (against ``ref_stats``' (mean, cov)), confident_fraction, class_histogram,
-  min/max_class_fraction and num_images."""
+  min/max_class_fraction and num_images; with the ``labels`` each image was asked to be,
+  class_accuracy: the fraction the classifier gives that class."""
   images = check_images(images)
   if len(images) < 2:
     raise ValueError(f'digits_metrics needs at least 2 images, got {len(images)}')
@@ -119,7 +121,11 @@ def digits_metrics(
   stats.update(features)
   fd = feature_metrics.frechet_distance(*stats.mean_cov(), ref_stats[0], ref_stats[1])
   histogram = np.bincount(probs.argmax(axis=1), minlength=NUM_CLASSES) / len(images)
+  asked = {}
+  if labels is not None:
+    asked['class_accuracy'] = float(np.mean(probs.argmax(axis=1) == np.asarray(labels)))
   return {
+    **asked,
     'num_images': len(images),
     'fd': fd,
     'confident_fraction': float(np.mean(probs.max(axis=1) > confidence)),

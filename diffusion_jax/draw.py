@@ -19,9 +19,12 @@ def sample_from_checkpoint(run: run_lib.Run, *, num_samples: int) -> np.ndarray:
     run.key('sample'),
     num_samples=num_samples,
     path=stem.with_suffix('.png'),
+    labels=run.sample_labels(num_samples),
   )
   if jax.process_index() == 0:
     with stem.with_suffix('.npz').open('wb') as f:
-      np.savez_compressed(f, images=samples, step=step)
+      labels = run.sample_labels(num_samples)
+      classes = {} if labels is None else {'labels': labels}
+      np.savez_compressed(f, images=samples, step=step, **classes)
     console.say('%d samples of step %d: %s.png and .npz', num_samples, step, stem)
   return samples

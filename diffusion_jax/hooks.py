@@ -91,6 +91,7 @@ def sample_grid(
         path=path,
         writer=writer,
         step=step,
+        labels=run.sample_labels(num_samples),
       )
     console.say('samples of step %d: %s', step, path)
 

@@ -110,20 +110,57 @@ def read_config(shuffle_seed: int | None = None) -> tfds.ReadConfig:
   )
 
 
-def _encoded_images(
+def _encoded_examples(
   builder: tfds.core.DatasetBuilder,
   split: tfds.typing.SplitArg,
   *,
+  label_key: str | None = None,
   shuffle_seed: int | None = None,
 ) -> tf.data.Dataset:
-  """Returns the still-encoded image bytes of ``split`` (files shuffled once if a seed is given)."""
+  """``{'image': still-encoded bytes[, 'label': the class]}`` of ``split`` (files shuffled once if
+  a seed is given); the class is the feature ``label_key``, if given."""
   ds = builder.as_dataset(
     split=split,
     shuffle_files=shuffle_seed is not None,
     decoders={'image': tfds.decode.SkipDecoding()},
     read_config=read_config(shuffle_seed),
   )
-  return ds.map(lambda example: example['image'])
+
+  def keep(example):
+    kept = {'image': example['image']}
+    if label_key is not None:
+      kept['label'] = tf.cast(example[label_key], tf.int32)
+    return kept
+
+  return ds.map(keep)
+
+
+def label_key(dataset_config: ml_collections.ConfigDict, num_classes: int | None) -> str | None:
+  """The feature of the class labels a class-conditional model (``num_classes``) reads."""
+  return None if num_classes is None else dataset_config.label_key
+
+
+def check_labels(
+  builder: tfds.core.DatasetBuilder, key: str | None, num_classes: int | None
+) -> None:
+  """A SetupError unless the data set has the class feature ``key`` with ``num_classes``
+  classes (nothing to check for an unconditional model, ``key`` None)."""
+  if key is None:
+    return
+  features = builder.info.features
+  feature = features[key] if key in features else None
+  found = getattr(feature, 'num_classes', None)
+  if found is None:
+    raise SetupError(
+      f'model.num_classes={num_classes} asks for class labels, but {builder.info.full_name} has '
+      f'no class feature {key!r} (its features: {", ".join(builder.info.features)}); set '
+      '--config.dataset.label_key, or train an unconditional model (model.num_classes=None).'
+    )
+  if found != num_classes:
+    raise SetupError(
+      f"model.num_classes={num_classes}, but {builder.info.full_name}'s {key!r} has {found} "
+      f'classes; set --config.model.num_classes={found}.'
+    )
 
 
 def _image_decoder(builder: tfds.core.DatasetBuilder, num_channels: int):
@@ -168,7 +205,8 @@ def _shuffled_epochs(
   skip: int,
   buffer_size: int,
 ) -> tf.data.Dataset:
-  """Infinite (flip seed, encoded image) epochs from ``start_epoch``, skipping the first ``skip``.
+  """Infinite (flip seed, encoded example) epochs from ``start_epoch``, skipping the first
+  ``skip``.
 
   Epoch e is ``encoded`` shuffled with a seed folded from (seed, e), so its order does not depend on
   where iteration started; each element's flip seed is folded from (epoch seed, index in epoch).
@@ -179,7 +217,9 @@ def _shuffled_epochs(
     epoch_seed = tf.random.experimental.stateless_fold_in(seed, index)
     ds = encoded.shuffle(buffer_size, seed=epoch_seed[0], reshuffle_each_iteration=False)
     ds = ds.enumerate().skip(tf.where(index == start_epoch, tf.constant(skip, tf.int64), 0))
-    return ds.map(lambda i, image: (tf.random.experimental.stateless_fold_in(epoch_seed, i), image))
+    return ds.map(
+      lambda i, example: (tf.random.experimental.stateless_fold_in(epoch_seed, i), example)
+    )
 
   return tf.data.Dataset.counter(start_epoch).flat_map(epoch)
 
@@ -192,12 +232,14 @@ def create_train_iterator(
   steps_per_call: int,
   seed: int,
   start_step: int = 0,
+  label_key: str | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> Iterator[Batch]:
   """This process's infinite, deterministic, resumable iterator of train batches.
 
-  Yields ``{'image': float32 [steps_per_call, B, H, W, C]}``, B = batch_size // process_count
+  Yields ``{'image': float32 [steps_per_call, B, H, W, C]}`` (and ``'label'``: int32
+  [steps_per_call, B], the feature ``label_key``, if given), B = batch_size // process_count
   (``batch_size`` is global). A "step" here is one yielded element, i.e. one host call of
   ``steps_per_call`` optimizer steps, so resume with
   ``start_step = optimizer_step // steps_per_call``.
@@ -222,13 +264,15 @@ def create_train_iterator(
   process_seed = rngs.data_seed(seed, process_index)
   decode = _image_decoder(builder, dataset_config.num_channels)
 
-  def to_example(flip_seed: tf.Tensor, encoded: tf.Tensor) -> dict[str, tf.Tensor]:
-    image = preprocess(decode(encoded), dataset_config)
+  def to_example(flip_seed: tf.Tensor, encoded: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = preprocess(decode(encoded['image']), dataset_config)
     if dataset_config.random_flip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return {'image': image}
+    return {**encoded, 'image': image}
 
-  encoded = _encoded_images(builder, split, shuffle_seed=int(process_seed[0]))
+  encoded = _encoded_examples(
+    builder, split, label_key=label_key, shuffle_seed=int(process_seed[0])
+  )
   ds = _shuffled_epochs(
     encoded,
     num_examples,
@@ -275,10 +319,11 @@ def create_eval_dataset(
   num_batches = -(-max(shares) // local_batch)
   decode = _image_decoder(builder, dataset_config.num_channels)
 
-  def to_example(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
-    return {'image': preprocess(decode(encoded), dataset_config), 'mask': tf.constant(1.0)}
+  def to_example(encoded: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = preprocess(decode(encoded['image']), dataset_config)
+    return {'image': image, 'mask': tf.constant(1.0)}
 
-  ds = _encoded_images(builder, process_split(split, process_index, process_count))
+  ds = _encoded_examples(builder, process_split(split, process_index, process_count))
   ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.concatenate(_padding(ds.element_spec, num_batches * local_batch - shares[process_index]))
   ds = ds.batch(local_batch).prefetch(dataset_config.prefetch)

@@ -92,6 +92,7 @@ def problems(
   attn_resolutions: Any,
   dropout: Any,
   dtype: Any,
+  num_classes: Any = None,
   image_size: int | None = None,
   prefix: str = '',
   set_prefix: str = '',
@@ -109,6 +110,8 @@ def problems(
       f'num_res_blocks={num_res_blocks!r} must be an integer >= 0: it is the blocks per level',
       'num_res_blocks=2',
     )
+  if num_classes is not None and (not _int(num_classes) or num_classes < 1):
+    say('num_classes', f'num_classes={num_classes!r} must be None or >= 1', 'num_classes=10')
   if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
     say('dropout', f'dropout={dropout!r} must be in [0, 1): it is the dropout rate', 'dropout=0.1')
   try:
@@ -283,6 +286,12 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   dtype: Any = jnp.float32
   remat: bool = False
+  num_classes: int | None = None  # class-conditional (Ho & Salimans 2021) if set
+
+  @property
+  def null_class(self) -> int:
+    """The label of "no class" (the unconditional model of classifier-free guidance)."""
+    return self.num_classes
 
   def _check(self, x: jax.Array, t: jax.Array) -> None:
     """Raises ValueError, saying what to change, for hyperparameters or inputs the network
@@ -306,10 +315,15 @@ class UNet(nn.Module):
       raise ValueError(' '.join(found.values()))
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
-    """Maps x [B, S, S, C] in [-1, 1] and integer timesteps t [B] to float32 [B, S, S, out_ch]."""
+  def __call__(
+    self, x: jax.Array, t: jax.Array, train: bool = False, labels: jax.Array | None = None
+  ) -> jax.Array:
+    """Maps x [B, S, S, C] in [-1, 1] and integer timesteps t [B] (and, if ``num_classes``, class
+    labels [B], ``null_class`` or None for none) to float32 [B, S, S, out_ch]."""
     t = jnp.asarray(t)
     self._check(x, t)
+    if labels is not None and self.num_classes is None:
+      raise ValueError('labels were given to an unconditional UNet (num_classes is None).')
     dtype = compute_dtype(self.dtype)
     num_levels = len(self.ch_mult)
     resnet_block, attn_block = ResnetBlock, AttnBlock
@@ -321,6 +335,11 @@ class UNet(nn.Module):
     temb = get_timestep_embedding(t, self.ch)
     temb = _dense(4 * self.ch, dtype, 'temb_dense0')(temb)
     temb = _dense(4 * self.ch, dtype, 'temb_dense1')(nn.swish(temb))
+    if self.num_classes is not None:  # a class embedding added to the time embedding
+      if labels is None:
+        labels = jnp.full(x.shape[:1], self.null_class, jnp.int32)
+      table = nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=dtype, name='label_emb')
+      temb = temb + table(labels)
 
     hs = [_conv3x3(self.ch, dtype, 'conv_in')(x)]
     for i, mult in enumerate(self.ch_mult):
@@ -353,11 +372,34 @@ class UNet(nn.Module):
 
 
 def model_fn(
-  model: nn.Module, params: Any, *, dropout_rng: jax.Array | None = None
+  model: nn.Module,
+  params: Any,
+  *,
+  dropout_rng: jax.Array | None = None,
+  labels: jax.Array | None = None,
+  guidance: float = 0.0,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """``(x_t, t) -> output`` of ``model``: in train mode (dropout) iff ``dropout_rng`` is given."""
-  if dropout_rng is None:
-    return lambda x, t: model.apply({'params': params}, x, t, train=False)
-  return lambda x, t: model.apply(
-    {'params': params}, x, t, train=True, rngs={'dropout': dropout_rng}
-  )
+  """``(x_t, t) -> output`` of ``model``: in train mode (dropout) iff ``dropout_rng`` is given;
+  of the classes ``labels`` if given; with classifier-free guidance w = ``guidance`` (Ho &
+  Salimans 2021) the output is (1 + w) f(x, c) − w f(x, ∅), both in one batched call."""
+  train = dropout_rng is not None
+  rngs = {'dropout': dropout_rng} if train else None
+
+  def apply(x: jax.Array, t: jax.Array, y: jax.Array | None) -> jax.Array:
+    return model.apply({'params': params}, x, t, train=train, labels=y, rngs=rngs)
+
+  def conditional(x: jax.Array, t: jax.Array) -> jax.Array:
+    return apply(x, t, labels)
+
+  if not guidance:
+    return conditional
+  if labels is None:
+    raise ValueError('classifier-free guidance needs the class labels to guide toward.')
+
+  def guided(x: jax.Array, t: jax.Array) -> jax.Array:
+    null = jnp.full_like(labels, model.null_class)
+    both = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
+    cond, uncond = jnp.split(both, 2)
+    return (1.0 + guidance) * cond - guidance * uncond
+
+  return guided

@@ -5,7 +5,7 @@ the run's random streams.
 
   run = Run.create(config, workdir)
   state = run.restore_latest()          # or run.initial_state() / run.abstract_state()
-  samples = run.sample_fn(64)(state.ema_params, run.key('sample'))
+  samples = run.sample_fn(64)(state.ema_params, run.key('sample'), 0)
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from jax.sharding import Mesh
@@ -88,6 +90,15 @@ class Run:
     """Shape, dtype and sharding of the train step's images [steps_per_call, batch_size, ...]."""
     return self.state_factory.abstract_batch(self.mesh, batch_size, steps_per_call)
 
+  def abstract_labels(
+    self, batch_size: int, steps_per_call: int = 1
+  ) -> jax.ShapeDtypeStruct | None:
+    """The train step's class labels [steps_per_call, batch_size] (None if unconditional)."""
+    if self.model.num_classes is None:
+      return None
+    sharding = parallel.steps_sharding(self.mesh)
+    return jax.ShapeDtypeStruct((steps_per_call, batch_size), jnp.int32, sharding=sharding)
+
   def sample_fn(self, num_samples: int) -> sampling.SampleFn:
     """The compiled data-parallel sampler of ``num_samples`` (rounded up to the devices) with
     the run's sampler settings: ``sample(params, rng) -> [n, H, W, C]`` in [-1, 1]."""
@@ -105,6 +116,14 @@ class Run:
     devices): one compiled program, called once per chunk."""
     size = sampling.chunk_size(batch_size, num_samples, self.mesh.devices.size)
     return sampling.ChunkedSampler(self.sample_fn(size), size)
+
+  def sample_labels(self, num_samples: int) -> np.ndarray | None:
+    """The classes of samples 0..n-1 (``sampling.class_labels``); None if unconditional."""
+    if self.model.num_classes is None:
+      return None
+    return sampling.class_labels(
+      self.sampler.labels, self.model.num_classes, np.arange(num_samples)
+    )
 
   def restore_latest(self) -> TrainState:
     """The latest complete checkpoint of the workdir (a SetupError if there is none)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import metric_writers
@@ -18,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import diffusion, images, models, parallel, preemption
 
-SampleFn = Callable[[Any, jax.Array], jax.Array]
+SampleFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, rng, first row)
 
 
 SAMPLE_METHODS = ('ancestral', 'ddim', 'dpm_solver++')
@@ -35,11 +36,20 @@ class SamplerSettings:
   num_steps: int | None = None
   eta: float = 0.0
   clip_denoised: bool = True
+  guidance: float = 0.0  # classifier-free guidance w (class-conditional models)
+  labels: tuple[int, ...] = ()  # the classes to sample (``class_labels``)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> SamplerSettings:
     sample = config.sample
-    return cls(sample.method, sample.num_steps, sample.eta, sample.clip_denoised)
+    return cls(
+      sample.method,
+      sample.num_steps,
+      sample.eta,
+      sample.clip_denoised,
+      sample.guidance,
+      tuple(sample.labels),
+    )
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -73,6 +83,15 @@ def reverse_process(
   return ancestral
 
 
+def class_labels(labels: tuple[int, ...], num_classes: int, rows):
+  """The class of each sample row (numpy or JAX ints): ``labels`` cycled, or with none given the
+  classes spread evenly (row i: class i mod num_classes)."""
+  if not labels:
+    return rows % num_classes
+  xp = np if isinstance(rows, np.ndarray) else jnp
+  return xp.asarray(labels, xp.int32)[rows % len(labels)]
+
+
 def make_sample_fn(
   model: nn.Module,
   process: diffusion.GaussianDiffusion,
@@ -82,22 +101,30 @@ def make_sample_fn(
   num_samples: int,
   settings: SamplerSettings,
 ) -> SampleFn:
-  """A jitted ``sample(params, rng) -> [num_samples, H, W, C]`` in [-1, 1], sharded over ``mesh``.
+  """A jitted ``sample(params, rng, first_row) -> [num_samples, H, W, C]`` in [-1, 1], sharded
+  over ``mesh``.
 
   ``num_samples`` is rounded up to a multiple of the device count; each device runs the whole
   reverse chain (``reverse_process`` of ``settings``) on its own share with the key
-  ``fold_in(rng, device index)``.
+  ``fold_in(rng, device index)``. A class-conditional model samples row ``first_row + i`` of the
+  result from its ``class_labels``, guided by ``settings.guidance``; others ignore ``first_row``.
   """
   per_device = -(-num_samples // mesh.devices.size)
   reverse = reverse_process(process, settings)
 
-  def per_device_sample(params, rng):
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
-    return reverse(models.model_fn(model, params), (per_device, *image_shape), rng)
+  def per_device_sample(params, rng, first_row):
+    device = jax.lax.axis_index(parallel.DATA_AXIS)
+    rng = jax.random.fold_in(rng, device)
+    labels = None
+    if model.num_classes is not None:
+      rows = first_row + device * per_device + jnp.arange(per_device)
+      labels = class_labels(settings.labels, model.num_classes, rows)
+    model_fn = models.model_fn(model, params, labels=labels, guidance=settings.guidance)
+    return reverse(model_fn, (per_device, *image_shape), rng)
 
   return jax.jit(
     jax.shard_map(
-      per_device_sample, mesh=mesh, in_specs=(P(), P()), out_specs=P(parallel.DATA_AXIS)
+      per_device_sample, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P(parallel.DATA_AXIS)
     )
   )
 
@@ -125,7 +152,7 @@ class ChunkedSampler:
     """Sharded [-1, 1] chunks of at least ``num_samples`` rows, chunk c from ``fold_in(rng, c)``."""
     for c in range(-(-num_samples // self.chunk_size)):
       preemption.check()
-      yield self.sample_fn(params, jax.random.fold_in(rng, c))
+      yield self.sample_fn(params, jax.random.fold_in(rng, c), jnp.int32(c * self.chunk_size))
 
 
 def gather_images(samples: jax.Array, num_samples: int) -> np.ndarray:
@@ -142,12 +169,18 @@ def write_sample_grid(
   path: epath.Path,
   writer: metric_writers.MetricWriter | None = None,
   step: int = 0,
+  labels: np.ndarray | None = None,
 ) -> np.ndarray:
   """``num_samples`` samples with ``params`` (chunk by chunk); process 0 writes a PNG grid at
-  ``path`` (and to TensorBoard if a writer is given). Returns the uint8 images."""
+  ``path`` (and to TensorBoard if a writer is given), one row per class if the samples'
+  ``labels`` are given. Returns the uint8 images, in sample order."""
   chunks = sampler.chunks(params, rng, num_samples)
   samples = np.concatenate([gather_images(chunk, num_samples) for chunk in chunks])[:num_samples]
-  grid = images.image_grid(samples)
+  if labels is None:
+    grid = images.image_grid(samples)
+  else:
+    order = np.argsort(labels, kind='stable')
+    grid = images.image_grid(samples[order], columns=int(np.bincount(labels).max()))
   if jax.process_index() == 0:
     images.save_png(path, grid)
     if writer is not None:

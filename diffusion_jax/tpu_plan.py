@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import hardware, train_step
@@ -172,11 +173,13 @@ def plan(config: ml_collections.ConfigDict, tpu: str, *, train_only: bool = Fals
   k = config.train.steps_per_call or TPU_STEPS_PER_CALL
   batch = run.abstract_batch(config.train.batch_size, k)
   step = train_step.make_train_step(run)
-  args = (run.abstract_state(), batch, train_step.abstract_metrics(run.mesh))
+  labels = run.abstract_labels(config.train.batch_size, k)
+  args = (run.abstract_state(), batch, train_step.abstract_metrics(run.mesh), labels)
   programs = [compile_program('train step', step, args, calls_per_step=1 / k)]
   if not train_only:
     grid = run.sample_fn(config.train.num_sample_images)
-    programs.append(compile_program('sample grid', grid, (args[0].ema_params, run.abstract_key())))
+    grid_args = (args[0].ema_params, run.abstract_key(), jax.ShapeDtypeStruct((), jnp.int32))
+    programs.append(compile_program('sample grid', grid, grid_args))
     for name, settings in config.evals.items():
       if settings.every_steps:
         for what, (fn, fn_args) in TYPES[settings.type].programs(settings, run).items():

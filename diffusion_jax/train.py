@@ -53,6 +53,10 @@ def train_and_evaluate(run: run_lib.Run) -> TrainState:
   run.workdir.mkdir(parents=True, exist_ok=True)
   runtime.check_shared_workdir(run.workdir)
   input_pipeline.check_splits(run.builder, {'dataset.train_split': config.dataset.train_split})
+  classes = run.model.num_classes
+  input_pipeline.check_labels(
+    run.builder, input_pipeline.label_key(config.dataset, classes), classes
+  )
   train_state.remove_stale_temporaries(run.workdir, keep=config.train.keep_checkpoints)
   manager = train_state.checkpoint_manager(
     run.workdir,
@@ -96,6 +100,7 @@ def _train(run: run_lib.Run, manager: ocp.CheckpointManager, state: TrainState) 
     steps_per_call=k,
     seed=config.seed,
     start_step=start_step // k,
+    label_key=input_pipeline.label_key(config.dataset, run.model.num_classes),
   )
   log_every = config.train.log_every_steps
   report_progress = periodic_actions.ReportProgress(
@@ -121,9 +126,9 @@ def _train(run: run_lib.Run, manager: ocp.CheckpointManager, state: TrainState) 
         return state
       hooks.record_interrupted(run.workdir, step, [])  # done now
     while step < num_steps:
-      batch = parallel.shard_steps(run.mesh, next(train_iter)['image'])
+      batch = {k: parallel.shard_steps(run.mesh, v) for k, v in next(train_iter).items()}
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, running = step_fn(state, batch, running)  # all on device
+        state, running = step_fn(state, batch['image'], running, batch.get('label'))
       step += k  # the periods are multiples of k: only this step can be due
       last = step == num_steps
       log = last or step % log_every == 0
@@ -157,8 +162,12 @@ def _compile_step(run: run_lib.Run, running: train_step.TrainMetrics, k: int):
   """The train step lowered once (its FLOP count taken from that lowering) and compiled; a
   SetupError if it needs more memory than the device has."""
   config = run.config
+  batch_size = config.train.batch_size
   lowered = train_step.make_train_step(run).lower(
-    run.abstract_state(), run.abstract_batch(config.train.batch_size, k), running
+    run.abstract_state(),
+    run.abstract_batch(batch_size, k),
+    running,
+    run.abstract_labels(batch_size, k),
   )
   flops = hardware.lowered_flops(lowered, mesh=run.mesh) / k
   step_fn = lowered.compile()

@@ -28,6 +28,7 @@ StepFn = Callable[..., tuple[TrainState, 'TrainMetrics']]
 
 
 NO_STEP = np.iinfo(np.int32).max
+_LABEL_STREAM = 0x6C61626C  # folded into a step's example key for the dropped labels
 
 
 @flax.struct.dataclass
@@ -66,9 +67,12 @@ def _clip(grads: Any, max_norm: float) -> Any:
 
 
 def make_train_step(run: run_lib.Run) -> StepFn:
-  """The jitted ``step(state, images[, running]) -> (state, metrics)`` of ``run`` over its mesh.
+  """The jitted ``step(state, images[, running, labels]) -> (state, metrics)`` of ``run`` over
+  its mesh.
 
-  ``images`` is the global batch [steps_per_call, B, H, W, C] sharded on B; the state is donated.
+  ``images`` is the global batch [steps_per_call, B, H, W, C] sharded on B, ``labels`` its classes
+  [steps_per_call, B] for a class-conditional model (each dropped to the null class with
+  probability ``train.p_uncond``); the state is donated.
   Several optimizer steps per call run in a ``lax.scan`` that also merges their metrics, so the
   call returns one ``TrainMetrics`` of device arrays. Given ``running`` metrics (e.g. from
   ``empty_metrics``; donated), the call returns them merged with its own, still on device: a loop
@@ -77,6 +81,7 @@ def make_train_step(run: run_lib.Run) -> StepFn:
   """
   optim_config, model, process, mesh = run.config.optim, run.model, run.process, run.mesh
   num_timesteps = process.num_timesteps
+  p_uncond = run.config.train.p_uncond
   cpu = mesh.devices.flat[0].platform == 'cpu'
   schedule = train_state.learning_rate_schedule(optim_config)
   clip_norm, clip_mode = optim_config.grad_clip, optim_config.grad_clip_mode
@@ -89,17 +94,28 @@ def make_train_step(run: run_lib.Run) -> StepFn:
       jax.random.normal(key_noise, shape, jnp.float32),
     )
 
-  def one_step(state: TrainState, images: jax.Array):
+  def dropped_labels(rng: jax.Array, batch_index: jax.Array, labels: jax.Array) -> jax.Array:
+    """Each example's class, or the null class with probability ``train.p_uncond`` (the
+    unconditional model of classifier-free guidance), keyed by its global index."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, batch_index)
+    drop = jax.vmap(jax.random.bernoulli, in_axes=(0, None))(keys, p_uncond)
+    return jnp.where(drop, model.null_class, labels)
+
+  def one_step(state: TrainState, batch: dict[str, jax.Array]):
+    images = batch['image']
     device = jax.lax.axis_index(parallel.DATA_AXIS)
     local_batch = images.shape[0]
     example_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     batch_index = device * local_batch + jnp.arange(local_batch)
     draws = jax.vmap(example_draws, in_axes=(None, 0, None))
     t, noise = draws(example_rng, batch_index, images.shape[1:])
+    labels = batch.get('label')
+    if labels is not None:
+      labels = dropped_labels(jax.random.fold_in(example_rng, _LABEL_STREAM), batch_index, labels)
     dropout_rng = jax.random.fold_in(dropout_rng, device)
 
     def loss_fn(params):
-      model_fn = models.model_fn(model, params, dropout_rng=dropout_rng)
+      model_fn = models.model_fn(model, params, dropout_rng=dropout_rng, labels=labels)
       return jnp.mean(process.training_losses(model_fn, images, t, noise))
 
     # Params are replicated; cast them to device-varying so that each device gets its own
@@ -122,19 +138,19 @@ def make_train_step(run: run_lib.Run) -> StepFn:
     )
     return state.apply_gradients(grads), outputs
 
-  def per_device(state: TrainState, images: jax.Array):
+  def per_device(state: TrainState, batch: dict[str, jax.Array]):
     """The call's optimizer steps on this device's share, their metrics merged on device."""
-    if images.shape[0] == 1:
-      state, outputs = one_step(state, images[0])
+    if batch['image'].shape[0] == 1:
+      state, outputs = one_step(state, jax.tree.map(lambda x: x[0], batch))
       return state, TrainMetrics.single_from_model_output(**outputs)
 
-    def scanned(carry, images):
+    def scanned(carry, batch):
       state, collection = carry
-      state, outputs = one_step(state, images)
+      state, outputs = one_step(state, batch)
       return (state, collection.merge(TrainMetrics.single_from_model_output(**outputs))), None
 
     # XLA:CPU runs the step ~16x slower inside a loop (BENCHMARKS.md): unrolled there.
-    return jax.lax.scan(scanned, (state, TrainMetrics.empty()), images, unroll=cpu)[0]
+    return jax.lax.scan(scanned, (state, TrainMetrics.empty()), batch, unroll=cpu)[0]
 
   sharded = jax.shard_map(
     per_device,
@@ -143,8 +159,14 @@ def make_train_step(run: run_lib.Run) -> StepFn:
     out_specs=(P(), P()),
   )
 
-  def step(state: TrainState, images: jax.Array, running: TrainMetrics | None = None):
-    state, collection = sharded(state, images)
+  def step(
+    state: TrainState,
+    images: jax.Array,
+    running: TrainMetrics | None = None,
+    labels: jax.Array | None = None,
+  ):
+    batch = {'image': images} if labels is None else {'image': images, 'label': labels}
+    state, collection = sharded(state, batch)
     return state, collection if running is None else running.merge(collection)
 
   return jax.jit(step, out_shardings=parallel.replicated(mesh), donate_argnums=(0, 2))

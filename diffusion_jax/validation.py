@@ -49,6 +49,8 @@ _RANGES = (
   ('optim.ema_decay', 'fraction', 'the decay of the EMA params'),
   ('sample.num_steps', 'optional count', 'the sampler steps (None: all T)'),
   ('sample.eta', 'non-negative', "DDIM's eta (0: deterministic, 1: ancestral-like)"),
+  ('sample.guidance', 'non-negative', 'the classifier-free guidance weight w'),
+  ('train.p_uncond', 'fraction', 'the fraction of examples trained without their class'),
 )
 _CHOICES = (
   ('diffusion.beta_schedule', diffusion.BETA_SCHEDULES),
@@ -71,7 +73,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str) -> None:
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; choose one of {MODES}.')
   parts = [_range_problems, _choice_problems, _beta_problems, _model_problems, _dataset_problems]
-  parts.append(_sample_problems)
+  parts += [_sample_problems, _class_problems]
   if mode == 'train':
     parts.append(train_problems)
   if mode in ('train', 'eval'):
@@ -169,6 +171,29 @@ def _sample_problems(config: ml_collections.ConfigDict) -> Problems:
   return {'sample.num_steps': f'sample.num_steps={steps} must be in 2..T={total}; {fix}'}
 
 
+def _class_problems(config: ml_collections.ConfigDict) -> Problems:
+  """Guidance and classes only for a class-conditional model, and classes it has."""
+  classes, labels = get(config, 'model.num_classes'), get(config, 'sample.labels')
+  guidance = get(config, 'sample.guidance')
+  labels = tuple(labels) if isinstance(labels, tuple | list) else labels
+  if classes is None:
+    if guidance or labels:
+      return {
+        'sample.guidance' if guidance else 'sample.labels': (
+          f'sample.guidance={guidance!r} and sample.labels={labels!r} are for a class-conditional '
+          'model, but model.num_classes is None; set --config.model.num_classes (e.g. 10) to '
+          'train one, or leave both at 0 and ().'
+        )
+      }
+    return {}
+  if not isinstance(labels, tuple) or not all(is_int(c) and 0 <= c < classes for c in labels):
+    return {
+      'sample.labels': f'sample.labels={labels!r} must list classes in 0..{classes - 1} (or be '
+      f'() for all classes evenly); set e.g. --config.sample.labels=(3,).'
+    }
+  return {}
+
+
 def _beta_problems(config: ml_collections.ConfigDict) -> Problems:
   """beta_start and beta_end outside 0 < beta_start <= beta_end <= 1, for schedules using them."""
   schedule = get(config, 'diffusion.beta_schedule')
@@ -199,6 +224,7 @@ def _model_problems(config: ml_collections.ConfigDict) -> Problems:
     attn_resolutions=m.get('attn_resolutions'),
     dropout=m.get('dropout'),
     dtype=m.get('dtype'),
+    num_classes=m.get('num_classes'),
     image_size=size if is_int(size) else None,
     prefix='model.',
     set_prefix='--config.model.',

@@ -97,7 +97,7 @@ def test_evaluate_checkpoint_writes_the_report_and_each_evaluators_files(checkpo
   np.testing.assert_array_equal(eval_key, rngs.key(run.config.seed, 'eval'))
   key = jax.random.fold_in(eval_key, zlib.crc32(b'digits'))
   first = sampling.gather_images(
-    run.sample_fn(16)(state.ema_params, jax.random.fold_in(key, 0)), 16
+    run.sample_fn(16)(state.ema_params, jax.random.fold_in(key, 0), 0), 16
   )
   png = np.asarray(Image.open(io.BytesIO((out / 'digits' / 'samples.png').read_bytes())))
   grid = images.image_grid(first)[..., 0]

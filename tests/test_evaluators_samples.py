@@ -3,10 +3,12 @@ exactly N rows (and no more chunks than needed), and peeking at the first images
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 
 from diffusion_jax import images, parallel, sampling
 from diffusion_jax.evaluators import samples
@@ -26,12 +28,14 @@ def test_chunk_size_is_the_smaller_rounded_up_to_the_devices(batch_size, num_sam
 
 
 def fake_sample_fn(mesh, chunk_size):
-  """``sample(params, rng)``: noise of the key, [chunk_size, 2, 2, 1] in [-1, 1] on the mesh."""
+  """``sample(params, rng, first_row)``: noise of the key plus the first row's index,
+  [chunk_size, 2, 2, 1] on the mesh."""
   sharding = NamedSharding(mesh, P(parallel.DATA_AXIS))
-  return jax.jit(
-    lambda params, rng: params * jax.random.uniform(rng, (chunk_size, 2, 2, 1), minval=-1),
-    out_shardings=sharding,
-  )
+
+  def sample(params, rng, first_row):
+    return params * jax.random.uniform(rng, (chunk_size, 2, 2, 1), minval=-1) + first_row
+
+  return jax.jit(sample, out_shardings=sharding)
 
 
 def test_chunks_cover_the_samples_each_with_its_own_key(mesh):
@@ -39,7 +43,7 @@ def test_chunks_cover_the_samples_each_with_its_own_key(mesh):
   rng = jax.random.PRNGKey(3)
   chunks = list(sampler.chunks(1.0, rng, 20))
   assert len(chunks) == 3
-  expected = [sampler.sample_fn(1.0, jax.random.fold_in(rng, c)) for c in range(3)]
+  expected = [sampler.sample_fn(1.0, jax.random.fold_in(rng, c), 8 * c) for c in range(3)]
   chex.assert_trees_all_equal(chunks, expected)
 
 
@@ -69,3 +73,29 @@ def test_peek_images_returns_the_first_as_uint8_and_every_chunk(mesh):
   chex.assert_trees_all_equal(chunks, list(sampler.chunks(1.0, rng, 16)))
   np.testing.assert_array_equal(first, images.to_uint8(parallel.gather(chunks[0])[:5]))
   assert first.dtype == np.uint8 and first.shape == (5, 2, 2, 1)
+
+
+def test_class_labels_spread_the_classes_or_cycle_the_given_ones():
+  rows = np.arange(7)
+  np.testing.assert_array_equal(sampling.class_labels((), 3, rows), [0, 1, 2, 0, 1, 2, 0])
+  np.testing.assert_array_equal(sampling.class_labels((4,), 10, rows), [4] * 7)
+  np.testing.assert_array_equal(sampling.class_labels((1, 5), 10, rows), [1, 5, 1, 5, 1, 5, 1])
+  on_device = sampling.class_labels((1, 5), 10, jnp.arange(7))
+  np.testing.assert_array_equal(on_device, [1, 5, 1, 5, 1, 5, 1])
+
+
+def test_a_class_conditional_grid_has_one_row_per_class(mesh, tmp_path):
+  """Samples spread over 3 classes (row i: class i mod 3), drawn as 3 rows of their class."""
+  sampler = sampling.ChunkedSampler(fake_sample_fn(mesh, 8), 8)
+  labels = sampling.class_labels((), 3, np.arange(12))
+  samples = sampling.write_sample_grid(
+    sampler, 1.0, jax.random.PRNGKey(0), num_samples=12, path=tmp_path / 'g.png', labels=labels
+  )
+  order = np.argsort(labels, kind='stable')
+  expected = images.image_grid(samples[order], columns=4)
+  np.testing.assert_array_equal(
+    images.image_grid(samples[labels == 0], columns=4)[:6], expected[:6]
+  )
+  png = np.asarray(Image.open(tmp_path / 'g.png'))
+  scale = png.shape[0] // expected.shape[0]
+  np.testing.assert_array_equal(png[::scale, ::scale], expected[..., 0])

@@ -84,5 +84,5 @@ def test_the_sample_config_picks_the_sampler_everywhere(tiny_config):
     tiny_config.sample.update(method=method, num_steps=num_steps, eta=eta)
     sample_fn = Run.create(tiny_config, devices=jax.devices()[:1]).sample_fn(2)
     np.testing.assert_allclose(
-      sample_fn(params, key), jax.jit(direct)(jax.random.fold_in(key, 0)), atol=1e-5
+      sample_fn(params, key, 0), jax.jit(direct)(jax.random.fold_in(key, 0)), atol=1e-5
     )

@@ -14,6 +14,7 @@ from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
 from diffusion_jax import config_defaults, input_pipeline
+from diffusion_jax.errors import SetupError
 
 from conftest import load_config
 
@@ -237,3 +238,36 @@ def test_preprocess_center_crops_resizes_and_keeps_the_uint8_grid():
   gray = input_pipeline.preprocess(tf.constant(ramp), dataset).numpy()
   assert gray.shape == (32, 32, 1) and -1.0 <= gray.min() <= gray.max() <= 1.0
   np.testing.assert_allclose((gray + 1) * 127.5, np.round((gray + 1) * 127.5), atol=1e-4)
+
+
+def test_labels_come_with_their_images_and_leave_the_image_stream_as_it_was(dataset):
+  """A class-conditional run reads the labels; the images (order, flips) are the unconditional
+  run's, so a label-free config trains on exactly what it did before."""
+  plain = take(train_iterator(dataset, steps_per_call=2), 3)
+  labelled = train_iterator(dataset, steps_per_call=2, label_key='label')
+  builder = input_pipeline.get_builder(dataset)
+  images, labels = sklearn_digits_arrays(builder)
+  truth = dict(zip(keys(images), labels))
+  for expected in plain:
+    batch = next(labelled)
+    np.testing.assert_array_equal(batch['image'], expected)
+    assert batch['label'].shape == (2, 64) and batch['label'].dtype == np.int32
+    assert [truth[k] for k in keys(batch['image'].reshape(-1, 8, 8, 1))] == list(
+      batch['label'].ravel()
+    )
+
+
+def sklearn_digits_arrays(builder):
+  """Every train image in [-1, 1] and its class, read by TFDS."""
+  examples = list(tfds.as_numpy(builder.as_dataset(split='train')))
+  images = np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1.0
+  return images, [int(e['label']) for e in examples]
+
+
+def test_a_data_set_without_the_class_feature_is_named(dataset):
+  builder = input_pipeline.get_builder(dataset)
+  input_pipeline.check_labels(builder, 'label', 10)
+  with pytest.raises(SetupError, match="no class feature 'digit'"):
+    input_pipeline.check_labels(builder, 'digit', 10)
+  with pytest.raises(SetupError, match='has 10 classes; set --config.model.num_classes=10'):
+    input_pipeline.check_labels(builder, 'label', 7)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import models
 from diffusion_jax.models import AttnBlock, Downsample, UNet, Upsample, get_timestep_embedding
 
 pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
@@ -276,3 +277,46 @@ def test_upsample_is_nearest_neighbour():
   out = np.asarray(Upsample(with_conv=False).apply({}, jnp.asarray(x)))
   assert out.shape == (2, 6, 6, 2)
   np.testing.assert_array_equal(out, x[:, [0, 0, 1, 1, 2, 2]][:, :, [0, 0, 1, 1, 2, 2]])
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def test_unconditional_unet_has_the_papers_parameters_and_a_conditional_one_adds_a_table():
+  plain = _abstract_params(UNet(**SMALL), 16, channels=1)
+  assert 'label_emb' not in plain  # num_classes=None: the paper's tree, checkpoints load as before
+  classes = _abstract_params(UNet(**SMALL, num_classes=10), 16, channels=1)
+  assert classes['label_emb']['embedding'].shape == (11, 4 * SMALL['ch'])  # 10 classes + null
+  assert {k: v for k, v in classes.items() if k != 'label_emb'} == plain
+
+
+@pytest.fixture(scope='module')
+def conditional(small):
+  model = UNet(**SMALL, num_classes=3)
+  params = jax.jit(model.init)(jax.random.key(0, impl='rbg'), small.x, small.t)['params']
+  return model, _random_params(params, seed=1)
+
+
+def test_labels_change_the_output_and_none_is_the_null_class(small, conditional):
+  model, params = conditional
+  apply = jax.jit(lambda y: model.apply({'params': params}, small.x, small.t, labels=y))
+  outputs = [np.asarray(apply(jnp.array([c, c], jnp.int32))) for c in range(4)]
+  assert all(np.abs(outputs[a] - outputs[b]).max() > 1e-3 for a in range(4) for b in range(a))
+  null = model.apply({'params': params}, small.x, small.t)
+  np.testing.assert_allclose(null, outputs[model.null_class], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='labels were given to an unconditional UNet'):
+    UNet(**SMALL).apply({'params': small.params}, small.x, small.t, labels=jnp.zeros(2, jnp.int32))
+
+
+def test_guidance_mixes_the_conditional_and_the_unconditional_output(small, conditional):
+  model, params = conditional
+  labels = jnp.array([0, 2], jnp.int32)
+  cond = models.model_fn(model, params, labels=labels)(small.x, small.t)
+  uncond = models.model_fn(model, params)(small.x, small.t)
+  np.testing.assert_array_equal(
+    models.model_fn(model, params, labels=labels, guidance=0.0)(small.x, small.t), cond
+  )
+  guided = models.model_fn(model, params, labels=labels, guidance=2.5)(small.x, small.t)
+  np.testing.assert_allclose(guided, 3.5 * cond - 2.5 * uncond, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='guidance needs the class labels'):
+    models.model_fn(model, params, guidance=1.0)

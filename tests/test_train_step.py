@@ -107,3 +107,20 @@ def test_remat_train_step_matches(tiny_config):
   (plain, plain_metrics), (remat, remat_metrics) = results
   np.testing.assert_allclose(plain_metrics['loss'], remat_metrics['loss'], rtol=1e-6)
   chex.assert_trees_all_close(plain, remat, rtol=1e-4, atol=6e-5)
+
+
+def test_labels_dropped_always_are_the_null_class_and_never_are_the_labels(tiny_config):
+  """``train.p_uncond`` = 1 trains the unconditional model alone; 0 the conditional one alone."""
+  tiny_config.model.num_classes = 10
+  images = fixed_batch(tiny_config, 1)
+  labels = np.arange(images.shape[1], dtype=np.int32)[None] % 10
+  states = {}
+  for p_uncond, given in ((1.0, labels), (0.0, np.full_like(labels, 10)), (0.0, labels)):
+    tiny_config.train.p_uncond = p_uncond
+    mesh, state, step = setup(tiny_config)
+    shard = parallel.shard_steps
+    state, _ = step(state, shard(mesh, images), None, shard(mesh, given))
+    states[p_uncond, int(given[0, 1])] = jax.device_get(state.opt_state)  # lr is 0 at step 0
+  chex.assert_trees_all_equal(states[1.0, 1], states[0.0, 10])  # every label dropped: all null
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_equal(states[0.0, 1], states[0.0, 10])  # the labels matter

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from diffusion_jax import digits_classifier, digits_metric, images, input_pipeline
+from diffusion_jax import digits_classifier, digits_metric, images, input_pipeline, sampling
 from diffusion_jax import run as run_lib
 from diffusion_jax.config_rules import Problems
 from diffusion_jax.evaluators import samples
@@ -29,6 +29,7 @@ LABELS = {
   'digits_fd': 'FD',
   'digits_min_class_fraction': 'min class',
   'digits_max_class_fraction': 'max class',
+  'digits_class_accuracy': 'asked class',  # class-conditional models
 }
 
 
@@ -52,6 +53,8 @@ class DigitsScore:
 
   classifier: digits_classifier.DigitsClassifier
   reference: tuple[np.ndarray, np.ndarray]
+  labels: tuple[int, ...] | None = None  # a class-conditional run: sample.labels
+  num_classes: int | None = None
 
   @classmethod
   def create(
@@ -73,9 +76,12 @@ class DigitsScore:
     pixels = np.concatenate(
       [images.to_uint8(rows) for rows in samples.gathered_rows(chunks, num_samples)]
     )
-    metrics = digits_metric.digits_metrics(self.classifier, pixels, self.reference)
+    asked = None
+    if self.num_classes is not None:
+      asked = sampling.class_labels(self.labels, self.num_classes, np.arange(len(pixels)))
+    metrics = digits_metric.digits_metrics(self.classifier, pixels, self.reference, labels=asked)
     names = [name.removeprefix('digits_') for name in LABELS] + ['class_histogram']
-    return {f'digits_{name}': metrics[name] for name in names}
+    return {f'digits_{name}': metrics[name] for name in names if name in metrics}
 
 
 def create(
@@ -85,6 +91,7 @@ def create(
   split = samples.reference_split(settings)
   input_pipeline.check_splits(run.builder, {f'evals.{name}.reference_split': split})
   score = DigitsScore.create(run.builder, split, cache_dir=settings.reference_dir)
+  score = dataclasses.replace(score, labels=run.sampler.labels, num_classes=run.model.num_classes)
   return samples.create(settings, run, score, in_loop=in_loop)
 
 

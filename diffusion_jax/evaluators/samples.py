@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -133,7 +134,9 @@ def create(
 def programs(settings: ml_collections.ConfigDict, run: run_lib.Run) -> dict[str, Program]:
   """The sampler of ``settings``' chunks (--mode=eval's, the larger), with abstract arguments."""
   size = chunk_size(settings.batch_size, settings.num_samples, run.mesh.devices.size)
-  return {'sampler': (run.sample_fn(size), (run.abstract_state().ema_params, run.abstract_key()))}
+  first_row = jax.ShapeDtypeStruct((), jnp.int32)
+  args = (run.abstract_state().ema_params, run.abstract_key(), first_row)
+  return {'sampler': (run.sample_fn(size), args)}
 
 
 def chunk_shape(settings: ml_collections.ConfigDict, run: run_lib.Run) -> tuple[int, ...]:

@@ -52,7 +52,8 @@ class SamplerSettings:
     )
 
   def as_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The settings as JSON writes them (``labels`` a list)."""
+    return {**dataclasses.asdict(self), 'labels': list(self.labels)}
 
 
 def reverse_process(

@@ -191,6 +191,9 @@ runner() {
       last=$SECONDS
     fi
   done
+  # The trainer has ended: a signal now has nothing to forward, and a trapped one would cut the
+  # wait short with its own status (143) instead of the trainer's.
+  trap '' TERM INT
   wait "$py" && rc=0 || rc=$?
   echo "=== $(date -u +%FT%TZ) exit status $rc" >> "$log"
   copy_log "$log" "$dest" || true

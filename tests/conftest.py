@@ -1,7 +1,8 @@
 """Test set-up: 8 virtual CPU devices for every test, quiet TensorFlow, no network.
 
-A per-session persistent compilation cache lets tests (and the CLI subprocesses they start)
-reuse programs that another test already compiled.
+Compile time is most of a test's time here: one persistent compilation cache per test session,
+shared by pytest-xdist's workers, lets tests (and the CLI processes they start) reuse every
+program another one already compiled, however short its compile.
 """
 
 import os
@@ -13,8 +14,14 @@ import tempfile
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_cache_'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+_session = os.environ.get('PYTEST_XDIST_TESTRUNUID')  # the same in every worker of one run
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR',
+  os.path.join(tempfile.gettempdir(), f'jax_cache_{_session}')
+  if _session
+  else tempfile.mkdtemp(prefix='jax_cache_'),
+)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -107,3 +114,10 @@ def setup(config, devices=None):
 
   run = Run.create(config, devices=devices)
   return run.mesh, run.initial_state(), train_step.make_train_step(run)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """The files with end-to-end (``slow``) tests first: pytest-xdist hands out one file at a time,
+  so the long ones start early and the workers finish together."""
+  slow_files = {item.path for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.path not in slow_files)

@@ -59,7 +59,14 @@ def test_evaluate_checkpoint_writes_the_report_and_each_evaluators_files(checkpo
     'config': 'configs/digits.py:tiny',
     'dataset': 'sklearn_digits',
     'step': 7,
-    'sampler': {'method': 'ancestral', 'num_steps': None, 'eta': 0.0, 'clip_denoised': True},
+    'sampler': {
+      'method': 'ancestral',
+      'num_steps': None,
+      'eta': 0.0,
+      'clip_denoised': True,
+      'guidance': 0.0,
+      'labels': [],
+    },
   }
   digits, bpd = report['evals']['digits'], report['evals']['bpd']
   assert {k: digits[k] for k in ('num_samples', 'reference_split', 'reference_count')} == {

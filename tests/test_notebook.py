@@ -21,7 +21,7 @@ from nbclient import NotebookClient
 
 from diffusion_jax import accelerator
 
-from conftest import REPO
+from conftest import REPO, cli_env
 from test_convert import small_config, small_config_json, source_weights, write_diffusers
 
 pytestmark = pytest.mark.stack  # the subset CI runs on every supported Python
@@ -156,7 +156,7 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(
   run_dir = tmp_path / 'run'
   run_dir.mkdir()
   # The notebook chooses its own CPU device count (config.num_cpu_devices), as the CLI does.
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'MPLBACKEND')}
+  env = {k: v for k, v in cli_env().items() if k != 'MPLBACKEND'}
   env.update(
     DIFFUSION_JAX_SMOKE='1',
     DIFFUSION_JAX_REPO=str(REPO),

@@ -20,13 +20,13 @@ from conftest import fixed_batch, run_main, setup, tiny_flags
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tiny_config):
   mesh, state, step = setup(tiny_config, jax.devices())
-  batch = parallel.shard_steps(mesh, fixed_batch(tiny_config, 10))
+  batch = parallel.shard_steps(mesh, fixed_batch(tiny_config, 1))
   losses = []
-  for _ in range(5):
+  for _ in range(50):
     state, metrics = step(state, batch)
     losses.append(float(metrics.compute()['loss']))
   assert int(state.step) == 50
-  assert losses[-1] < 0.7 * losses[0], losses
+  assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
   assert np.isfinite(losses).all()
 
 
@@ -182,7 +182,7 @@ def test_sigterm_during_a_sample_grid_saves_and_the_resume_draws_it_again(data_d
   """A grid of many chunks at the last step: the notice stops it at the next chunk, within
   seconds; the next run draws that grid, then evaluates, then ends."""
   workdir = tmp_path / 'run'
-  flags = tiny_flags(data_dir, workdir, 4) + ['--config.train.num_sample_images=3000']
+  flags = tiny_flags(data_dir, workdir, 4) + ['--config.train.num_sample_images=1200']
   proc = run_main(*flags)
   deadline = time.time() + 300
   while not (workdir / 'checkpoints' / '4' / 'commit_success.txt').exists():  # the grid is next

@@ -4,11 +4,15 @@
 
 ``--what``: ``train`` (seconds per call of ``train_step.make_train_step``'s step, as main runs it),
 ``forward`` (one jitted eval-mode forward pass of the U-Net), ``sample`` (the compiled
-``sampling.make_sample_fn`` reverse chain over ``--timesteps`` steps, per step). ``--set`` takes
+``sampling.make_sample_fn`` reverse chain over ``--timesteps`` steps, per step), ``loop`` (the
+train loop, ``train.train_and_evaluate``, for ``--steps`` steps without evaluation: seconds per
+step from CLU's ``steps_per_sec`` over the log intervals after the first). ``--set`` takes
 config overrides ``a.b=value`` (Python literals). Prints one JSON object last.
 """
 
+import pathlib
 import statistics
+import tempfile
 import time
 
 from absl import app, flags
@@ -16,7 +20,7 @@ from absl import app, flags
 from benchmarks import common
 from benchmarks.common import load_config
 
-_WHAT = flags.DEFINE_enum('what', 'train', ['train', 'forward', 'sample'], 'What to time.')
+_WHAT = flags.DEFINE_enum('what', 'train', ['train', 'forward', 'sample', 'loop'], 'What to time.')
 _CONFIG = flags.DEFINE_string('config', 'cifar10', 'configs/<name>.py')
 _BATCH = flags.DEFINE_integer('batch', None, 'Global batch; default: the config train batch.')
 _DEVICES = flags.DEFINE_integer('devices', None, 'CPU devices; default: config.num_cpu_devices.')
@@ -39,6 +43,30 @@ def timed(fn, steps: int) -> tuple[float, list[float], float]:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return statistics.median(times), times, first
+
+
+def loop_seconds(config, steps: int) -> dict:
+  """The train loop of ``config`` for ``steps`` steps (no evaluation, a grid and a checkpoint at
+  the end only) in a temporary workdir: its median seconds per step between metric logs."""
+  import tensorflow as tf
+
+  from diffusion_jax import train
+  from diffusion_jax.run import Run
+
+  config.train.update(num_train_steps=steps, sample_every_steps=steps, checkpoint_every_steps=steps)
+  for settings in config.evals.values():
+    settings.every_steps = 0
+  with tempfile.TemporaryDirectory() as folder:
+    config.dataset.data_dir = f'{folder}/tfds'
+    train.train_and_evaluate(Run.create(config, f'{folder}/run'))
+    rates = [
+      float(tf.make_ndarray(value.tensor))
+      for path in sorted(pathlib.Path(folder, 'run').glob('events.out.tfevents.*'))
+      for event in tf.compat.v1.train.summary_iterator(str(path))
+      for value in event.summary.value
+      if value.tag == 'steps_per_sec'
+    ]
+  return dict(seconds=1 / statistics.median(rates[1:]), rates=rates)
 
 
 def main(argv):
@@ -82,6 +110,11 @@ def main(argv):
     forward = jax.jit(lambda p, x, t: run.model.apply({'params': p}, x, t))
     seconds, times, first = timed(lambda: forward(params, x, t), _STEPS.value)
     result.update(seconds=seconds)
+  elif _WHAT.value == 'loop':
+    result.update(loop_seconds(config, _STEPS.value))
+    result.update(first_call_seconds=0.0, times=[])
+    common.emit(result)
+    return
   else:
     params = run.initial_state().ema_params
     sample = run.sample_fn(batch)
